@@ -1,0 +1,64 @@
+// ssl_lightning compiled ops: one TORCH_LIBRARY block holds every schema; backends register below.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace ssl_lightning {
+
+// Which GEMM rows (filters) and columns (filter-shape fibers W[:,c,kh,kw], per conv group) of a
+// lowered weight hold any nonzero. weight: N x Cg x KH x KW (or N x K for Linear), groups divides N.
+// Returns rows: bool[N], cols: bool[groups, Cg*KH*KW]. One pass over the weight, parallel over banks.
+std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cpu(const at::Tensor& weight, int64_t groups) {
+  TORCH_CHECK(weight.dim() >= 2, "lowered_nonzero: weight must have at least 2 dims (N x ...), got ",
+              weight.dim(), " dims");
+  TORCH_CHECK(groups >= 1, "lowered_nonzero: groups must be >= 1, got ", groups);
+  const int64_t n = weight.size(0);
+  TORCH_CHECK(n % groups == 0, "lowered_nonzero: groups (", groups, ") must divide the number of rows (",
+              n, ")");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble ||
+                  weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16,
+              "lowered_nonzero: weight must be a floating tensor, got ", weight.scalar_type());
+  const at::Tensor w = weight.contiguous().view({groups, n / groups, -1});
+  const int64_t rows_per = w.size(1), cols = w.size(2);
+  at::Tensor row_out = at::zeros({n}, weight.options().dtype(at::kBool));
+  at::Tensor col_out = at::zeros({groups, cols}, weight.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowered_nonzero", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    bool* rp = row_out.mutable_data_ptr<bool>();
+    bool* cp = col_out.mutable_data_ptr<bool>();
+    // Parallel over (group, row); column flags are OR-reduced per bank, so each bank is one task.
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        bool* colg = cp + g * cols;
+        for (int64_t r = 0; r < rows_per; ++r) {
+          const scalar_t* row = src + (g * rows_per + r) * cols;
+          bool any = false;
+          for (int64_t c = 0; c < cols; ++c) {
+            const bool nz = static_cast<float>(row[c]) != 0.0f;
+            any |= nz;
+            colg[c] |= nz;
+          }
+          rp[g * rows_per + r] = any;
+        }
+      }
+    });
+  });
+  return {row_out, col_out};
+}
+
+}  // namespace ssl_lightning
+
+TORCH_LIBRARY(ssl_lightning, m) {
+  m.def("lowered_nonzero(Tensor weight, int groups) -> (Tensor rows, Tensor cols)");
+}
+
+TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {
+  m.impl("lowered_nonzero", &ssl_lightning::lowered_nonzero_cpu);
+}
+
+#ifdef SSL_LIGHTNING_PYTHON_MODULE
+#include <Python.h>
+// `import ssl_lightning._C` loads this library, which registers the ops above with the dispatcher.
+static struct PyModuleDef ssl_lightning_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ssl_lightning_module); }
+#endif

@@ -1,0 +1,50 @@
+"""Build of the ``ssl_lightning._C`` extension.
+
+CPU sources always build. CUDA sources build when torch was built with CUDA and a toolkit is found
+(``CUDA_HOME``); ``SSL_LIGHTNING_CUDA=0`` forces them off, ``=1`` makes a missing toolkit an error.
+``SSL_LIGHTNING_NO_EXT=1`` skips the extension entirely (the package then runs its PyTorch fallbacks).
+Build with ``pip install --no-build-isolation`` so the installed (CPU) torch is used, not a fresh one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions() -> tuple[list, dict]:
+    if os.environ.get("SSL_LIGHTNING_NO_EXT", "0") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    want = os.environ.get("SSL_LIGHTNING_CUDA", "auto").lower()
+    if want not in ("auto", "0", "1"):
+        raise ValueError(f"SSL_LIGHTNING_CUDA must be auto, 0 or 1, got {want!r}")
+    cuda_found = torch.version.cuda is not None and CUDA_HOME is not None
+    if want == "1" and not cuda_found:
+        raise RuntimeError(
+            "SSL_LIGHTNING_CUDA=1 but torch has no CUDA "
+            f"(torch.version.cuda={torch.version.cuda}) or no toolkit (CUDA_HOME={CUDA_HOME})"
+        )
+    use_cuda = cuda_found and want != "0"
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3", "-g0", "-std=c++17"]
+    macros = [("SSL_LIGHTNING_PYTHON_MODULE", None)]
+    if use_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        ext = CUDAExtension(
+            "ssl_lightning._C",
+            sources,
+            define_macros=[*macros, ("SSL_LIGHTNING_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension("ssl_lightning._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,23 @@
+"""Structured Sparsity Learning for PyTorch Lightning.
+
+Public API: :class:`StructuredSparsity` (callback), :func:`build_groups`, :func:`sparsity_report`,
+the penalty functions in :mod:`ssl_lightning.penalty`, schedules in :mod:`ssl_lightning.schedules`
+and compiled ops in :mod:`ssl_lightning.ops`.
+"""
+
+from ssl_lightning.callback import StructuredSparsity
+from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
+from ssl_lightning.report import SparsityReport, sparsity_report
+from ssl_lightning.schedules import PhaseSchedule
+
+__all__ = [
+    "GROUP_TYPES",
+    "Group",
+    "Member",
+    "PhaseSchedule",
+    "SparsityReport",
+    "StructuredSparsity",
+    "build_groups",
+    "sparsity_report",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,333 @@
+"""``StructuredSparsity``: the Lightning glue around groups, penalty, schedules and report."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from ssl_lightning.groups import GROUP_TYPES, Group, Selector, build_groups, group_parameters, validate_lambdas
+from ssl_lightning.penalty import (
+    add_group_lasso_grad_,
+    apply_masks_,
+    group_lasso,
+    group_masks,
+    mask_grads_,
+    proximal_step_,
+    zero_small_,
+)
+from ssl_lightning.report import sparsity_report
+from ssl_lightning.schedules import LAMBDA_SCHEDULES, PhaseSchedule, lambda_factor
+
+__all__ = ["StructuredSparsity"]
+
+_PHASE_CODE = {"dense": 0, "ssl": 1, "finetune": 2}
+_MASK_PREFIX = "ssl_mask_"
+
+
+def _check_choice(arg: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{arg} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_number(arg: str, value: object, *, minimum: float = 0.0, strict: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):  # type: ignore[operator]
+        op = ">" if strict else ">="
+        raise ValueError(f"{arg} must be a finite number {op} {minimum}, got {value!r}")
+
+
+class StructuredSparsity(Callback):
+    r"""Structured Sparsity Learning (Wen et al., 2016) for any LightningModule with Conv2d / Linear layers.
+
+    Args:
+        lambdas: group type -> λ, types from ``filter, channel, shape, kernel2d, neuron_in, neuron_out, depth``.
+        method: ``"proximal"`` (group soft-threshold after each optimizer step: exact zeros) or
+            ``"gradient"`` (the paper: λ·w/‖w_g‖ added to the gradient, then |w| < ``zero_threshold`` → 0).
+        include, exclude: module selectors (regex fully matching a module name, or a class / class name).
+        layer_lambdas: regex -> λ multiplier, or regex -> {type: λ} per-layer overrides.
+        couple: filter / neuron_out groups also span bias, BN channel and consumer input channels (``torch.fx``).
+        depth_blocks: module names forming one depth group each (default: residual branches found by ``torch.fx``).
+        scale_by_group_size: multiply λ by sqrt(group size).
+        phases: ``{"dense": [0, a], "ssl": [a, b], "finetune": [b, None]}`` on the ``unit`` clock; groups are
+            pruned (masked, frozen) at the end of ``ssl``. Default: SSL from the start, never pruned.
+        unit: ``"epoch"`` or ``"step"`` (optimizer steps).
+        lambda_schedule: ``"constant"``, ``"warmup"`` (linear over ``warmup`` units) or ``"ramp"`` (over SSL).
+        zero_threshold: element zero-out after each SSL step (default 1e-4 for ``gradient``, off for ``proximal``).
+        prune_threshold: groups whose RMS weight ‖w_g‖/sqrt(|g|) is at or below this are pruned.
+        finetune_lr_factor: learning rates are multiplied by this once, when fine-tuning starts.
+        log_every_n_steps: sparsity figures are sent to the trainer's loggers every this many steps.
+        log_histograms: also send group-norm histograms and a per-layer chart when a WandbLogger is attached.
+    """
+
+    def __init__(
+        self,
+        lambdas: Mapping[str, float],
+        *,
+        method: Literal["proximal", "gradient"] = "proximal",
+        include: Sequence[Selector] | None = None,
+        exclude: Sequence[Selector] = (),
+        layer_lambdas: Mapping[str, float | Mapping[str, float]] | None = None,
+        couple: bool = False,
+        depth_blocks: Sequence[str] | None = None,
+        scale_by_group_size: bool = False,
+        phases: Mapping[str, Sequence[int | None]] | None = None,
+        unit: Literal["epoch", "step"] = "epoch",
+        lambda_schedule: Literal["constant", "warmup", "ramp"] = "constant",
+        warmup: int = 0,
+        zero_threshold: float | None = None,
+        prune_threshold: float = 1e-4,
+        finetune_lr_factor: float = 1.0,
+        log_every_n_steps: int = 50,
+        log_histograms: bool = True,
+    ) -> None:
+        validate_lambdas(lambdas)
+        _check_choice("method", method, ("proximal", "gradient"))
+        _check_choice("unit", unit, ("epoch", "step"))
+        _check_choice("lambda_schedule", lambda_schedule, LAMBDA_SCHEDULES)
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 ({unit}s), got {warmup!r}")
+        if zero_threshold is not None:
+            _check_number("zero_threshold", zero_threshold)
+        _check_number("prune_threshold", prune_threshold)
+        _check_number("finetune_lr_factor", finetune_lr_factor, strict=True)
+        if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
+        self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)
+        if lambda_schedule == "ramp" and self.schedule.ssl_end is None:
+            raise ValueError("lambda_schedule='ramp' needs an SSL phase with an end, e.g. phases={'ssl': [0, 10]}")
+        self.lambdas = dict(lambdas)
+        self.method = method
+        self.include, self.exclude = include, exclude
+        self.layer_lambdas = dict(layer_lambdas or {})
+        self.couple, self.depth_blocks, self.scale_by_group_size = couple, depth_blocks, scale_by_group_size
+        self.lambda_schedule, self.warmup = lambda_schedule, warmup
+        self.zero_threshold = zero_threshold if zero_threshold is not None else (1e-4 if method == "gradient" else 0.0)
+        self.prune_threshold = prune_threshold
+        self.finetune_lr_factor = finetune_lr_factor
+        self.log_every_n_steps = log_every_n_steps
+        self.log_histograms = log_histograms
+
+        self.groups: list[Group] = []
+        self._params: dict[str, Tensor] = {}
+        self._spatial: dict[str, int] = {}
+        self._hooks: list[Any] = []
+        self._pruned = False
+        self._pending_masks: dict[str, Tensor] | None = None
+        self._mask_owner: dict[str, tuple[nn.Module, str]] = {}
+        self._step_state: tuple[str, float] = ("dense", 0.0)
+        self._last_logged = -1
+
+    # ----------------------------------------------------------------- clock
+    def clock(self, trainer: Trainer) -> int:
+        return trainer.global_step if self.schedule.unit == "step" else trainer.current_epoch
+
+    def phase(self, trainer: Trainer) -> str:
+        return self.schedule.phase_at(self.clock(trainer))
+
+    def lambda_scale(self, trainer: Trainer) -> float:
+        return lambda_factor(self.schedule, self.clock(trainer), self.lambda_schedule, self.warmup)  # type: ignore[arg-type]
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Current keep-masks by parameter name (the module buffers themselves)."""
+        return {p: getattr(mod, buf) for p, (mod, buf) in self._mask_owner.items()}
+
+    # ----------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.groups = build_groups(
+            pl_module,
+            self.lambdas,
+            include=self.include,
+            exclude=self.exclude,
+            layer_lambdas=self.layer_lambdas,
+            couple=self.couple,
+            depth_blocks=self.depth_blocks,
+            scale_by_group_size=self.scale_by_group_size,
+        )
+        self._params = group_parameters(self.groups)
+        self._layers = sorted({n for g in self.groups for n in g.modules})
+        for name, mod in pl_module.named_modules():
+            if isinstance(mod, nn.Conv2d) and name in self._layers:
+                self._hooks.append(mod.register_forward_hook(self._record_spatial(name)))
+        rank_zero_info(
+            f"StructuredSparsity: {sum(g.num_groups for g in self.groups)} groups in {len(self.groups)} families "
+            f"over {len(self._layers)} layers ({', '.join(sorted({g.kind for g in self.groups}))})"
+        )
+
+    def _record_spatial(self, name: str) -> Any:
+        def hook(_m: nn.Module, _i: Any, y: Tensor) -> None:
+            self._spatial[name] = int(y.shape[-1] * y.shape[-2])
+
+        return hook
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending_masks is not None:  # resumed from a checkpoint written after pruning
+            self._install_masks(pl_module, self._pending_masks)
+            apply_masks_(self._params, self.masks)
+            self._pending_masks = None
+        for opt in trainer.optimizers:
+            lr_of = {id(p): group for group in opt.param_groups for p in group["params"]}
+            mine = [g for g in self.groups if id(g.members[0].param) in lr_of]
+            self._hooks.append(opt.register_step_post_hook(self._after_step_hook(mine, lr_of)))
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._pruned and self.phase(trainer) == "finetune":
+            self.prune(trainer, pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        phase, scale = self.phase(trainer), self.lambda_scale(trainer)
+        self._step_state = (phase, scale)
+        if phase == "ssl" and self.method == "gradient":
+            add_group_lasso_grad_(self.groups, scale)
+        if self._mask_owner:
+            mask_grads_(self._params, self.masks)
+
+    def _after_step_hook(self, groups: list[Group], lr_of: dict[int, dict[str, Any]]) -> Any:
+        def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            phase, scale = self._step_state
+            if phase == "ssl":
+                if self.method == "proximal":
+                    proximal_step_(groups, scale, lambda p: float(lr_of[id(p)]["lr"]))
+                zero_small_([m.param for g in groups for m in g.members], self.zero_threshold)
+            if self._mask_owner:
+                apply_masks_(self._params, self.masks)
+
+        return hook
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_logged and step % self.log_every_n_steps == 0:
+            self._last_logged = step
+            self.log_sparsity(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_logged:
+            self._last_logged = trainer.global_step
+            self.log_sparsity(trainer, pl_module, chart=True)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ---------------------------------------------------------------- pruning
+    def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Zero and freeze every group at or below ``prune_threshold``; scale LRs for fine-tuning."""
+        masks = group_masks(self.groups, self.prune_threshold)
+        masks = trainer.strategy.broadcast(masks, src=0)  # one decision for every DDP rank
+        self._install_masks(pl_module, masks)
+        apply_masks_(self._params, self.masks)
+        self._pruned = True
+        if self.finetune_lr_factor != 1.0:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] *= self.finetune_lr_factor
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= self.finetune_lr_factor
+            for cfg in trainer.lr_scheduler_configs:
+                sched = cfg.scheduler
+                if hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [lr * self.finetune_lr_factor for lr in sched.base_lrs]
+        kept = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        rank_zero_info(f"StructuredSparsity: pruned at {self.schedule.unit} {self.clock(trainer)}; kept {kept}/{total}")
+
+    def _install_masks(self, pl_module: LightningModule, masks: Mapping[str, Tensor]) -> None:
+        """Masks live as non-persistent module buffers (they follow ``.to(device)``); the callback's own
+        state carries them in checkpoints, so the model's state_dict stays loadable without this callback."""
+        for pname, mask in masks.items():
+            if pname not in self._params:
+                raise KeyError(
+                    f"checkpoint mask for {pname!r} matches no regularized parameter; the model or the "
+                    "callback's layer selection changed since the checkpoint was written"
+                )
+            mod_name, _, attr = pname.rpartition(".")
+            mod = pl_module.get_submodule(mod_name)
+            buf = _MASK_PREFIX + attr
+            mod.register_buffer(buf, mask.to(device=self._params[pname].device, dtype=torch.bool), persistent=False)
+            self._mask_owner[pname] = (mod, buf)
+
+    # ---------------------------------------------------------------- logging
+    def metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """All scalar figures: per-layer structure, per-type zero-group fractions, penalty, λ, phase."""
+        out = sparsity_report(pl_module, spatial=self._spatial, layers=self._layers).metrics("ssl")
+        scale = self.lambda_scale(trainer)
+        zero: dict[str, list[int]] = {}
+        for g in self.groups:
+            norms = g.norms()
+            z = zero.setdefault(g.kind, [0, 0])
+            z[0] += int((norms == 0).sum())
+            z[1] += g.num_groups
+            if g.kind == "depth":
+                out[f"ssl/{g.modules[0]}/depth_zero"] = float(norms.sum() == 0)
+        for kind, (nz, total) in zero.items():
+            out[f"ssl/total/{kind}_sparsity"] = nz / total
+        out["ssl/group_lasso"] = float(group_lasso(self.groups, 1.0))
+        for kind in GROUP_TYPES:
+            if kind in self.lambdas:
+                out[f"ssl/lambda/{kind}"] = self.lambdas[kind] * scale
+        out["ssl/phase"] = float(_PHASE_CODE[self.phase(trainer)])
+        return out
+
+    def log_sparsity(self, trainer: Trainer, pl_module: LightningModule, chart: bool = False) -> None:
+        if not trainer.loggers or not trainer.is_global_zero:
+            return
+        metrics = self.metrics(trainer, pl_module)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if self.log_histograms:
+            self._log_wandb_media(trainer, pl_module, step, chart)
+
+    def _log_wandb_media(self, trainer: Trainer, pl_module: LightningModule, step: int, chart: bool) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        import wandb
+
+        hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().numpy()) for g in self.groups}
+        for lg in loggers:
+            lg.log_metrics(hists, step=step)  # type: ignore[arg-type]
+        if chart:
+            from ssl_lightning.report import plot_layer_sparsity
+
+            image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
+            for lg in loggers:
+                lg.log_image("ssl/layer_sparsity", [image], step=step)
+
+    # ------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "pruned": self._pruned,
+            "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pruned = bool(state_dict["pruned"])
+        masks = state_dict.get("masks") or {}
+        self._pending_masks = dict(masks) if masks else None

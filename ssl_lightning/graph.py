@@ -1,0 +1,312 @@
+"""Channel-dependency analysis of a model with ``torch.fx``.
+
+Every tensor flowing through the traced graph is described by the *channel spaces* that make up its
+dim 1: a conv/linear creates a fresh space (its output channels), BN / activations / pooling pass it
+through, a residual add (or any channel-aligned binary op) merges the spaces of its operands, a
+concat along dim 1 lays spaces side by side, and a flatten keeps the spaces with a spatial factor that
+a following Linear recovers as ``in_features // channels``. A space that reaches the model output, a
+model input, or an op the analysis does not know is *blocked*: its channels cannot be removed.
+
+The result tells :mod:`ssl_lightning.groups` which slices of which tensors form one coupled channel
+group, and which residual branches form one depth group.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ChannelSpace", "GraphAnalysis", "analyze"]
+
+# Modules and functions that keep dim 1 channel-for-channel.
+_PASS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LocalResponseNorm,
+)  # fmt: skip
+_PASS_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
+    F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.local_response_norm,
+}  # fmt: skip
+_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "to"}
+_BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+_BINARY_METHODS = {"add", "add_", "sub", "mul"}
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}  # residual joins (depth groups)
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_IGNORED_METHODS = {"size", "dim"}
+
+
+@dataclass
+class ChannelSpace:
+    """A set of channels that must be kept or removed together.
+
+    producers: modules whose output rows are these channels (conv filters / linear neurons + bias).
+    passthrough: modules with one parameter slice per channel (BatchNorm affine, depthwise conv rows).
+    consumers: (module, offset, hw) — the module reads these channels at input index offset..offset+size,
+    each repeated ``hw`` times contiguously after a flatten (hw == 1 otherwise).
+    """
+
+    size: int | None
+    producers: list[str] = field(default_factory=list)
+    passthrough: list[str] = field(default_factory=list)
+    consumers: list[tuple[str, int, int]] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Value:
+    segments: list[tuple[int, int | None]]  # (space id, channels) along dim 1, in order
+    flat: bool = False  # after a flatten: dim 1 is channels x spatial positions
+
+
+@dataclass
+class GraphAnalysis:
+    spaces: list[ChannelSpace]  # one per union-find root that holds at least one parameter slice
+    depth_branches: list[list[str]]  # per residual add: weight modules of the branch side
+    terminal_modules: set[str]  # weight modules whose output reaches the model output as channels
+    unsupported: list[str]  # human-readable notes on what blocked analysis
+
+
+class _Analyzer:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.parent: list[int] = []
+        self.spaces: list[ChannelSpace] = []
+        self.notes: list[str] = []
+        self.env: dict[fx.Node, object] = {}
+
+    # union-find over spaces
+    def new_space(self, size: int | None, blocked: str | None = None) -> int:
+        self.parent.append(len(self.spaces))
+        self.spaces.append(ChannelSpace(size=size, blocked=[blocked] if blocked else []))
+        return len(self.spaces) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        sa, sb = self.spaces[ra], self.spaces[rb]
+        if sa.size is None:
+            sa.size = sb.size
+        self.parent[rb] = ra
+        sa.producers += sb.producers
+        sa.passthrough += sb.passthrough
+        sa.consumers += sb.consumers
+        sa.blocked += sb.blocked
+
+    def space(self, i: int) -> ChannelSpace:
+        return self.spaces[self.find(i)]
+
+    def block(self, value: object, reason: str) -> None:
+        if isinstance(value, _Value):
+            for sid, _ in value.segments:
+                self.space(sid).blocked.append(reason)
+
+    def consume(self, value: _Value, module: str, channels: int, features: int | None = None) -> None:
+        """Register ``module`` as reading ``value`` (channels = total channels of value's segments)."""
+        known = [n for _, n in value.segments]
+        total = sum(n for n in known if n is not None) if None not in known else None
+        if total is None and len(value.segments) == 1:
+            total = channels if features is None else None
+        if total is None:
+            self.block(value, f"{module}: channel count unknown")
+            return
+        hw = 1
+        if features is not None:
+            if total == 0 or features % total:
+                self.block(value, f"{module}: {features} input features not a multiple of {total} channels")
+                return
+            hw = features // total
+        off = 0
+        for sid, n in value.segments:
+            size = n if n is not None else total
+            sp = self.space(sid)
+            if sp.size is None:
+                sp.size = size
+            sp.consumers.append((module, off, hw))
+            off += size
+
+    def run(self) -> GraphAnalysis:
+        env = self.env
+        weight_ancestors: dict[fx.Node, frozenset[str]] = {}
+        depth: list[list[str]] = []
+        terminal: set[str] = set()
+
+        def val(a: object) -> object:
+            return env.get(a) if isinstance(a, fx.Node) else None
+
+        for node in self.gm.graph.nodes:
+            anc: set[str] = set()
+            for inp in node.all_input_nodes:
+                anc |= weight_ancestors.get(inp, frozenset())
+            out: object = None
+            args = [val(a) for a in node.args]
+            x = args[0] if args else None
+            if node.op == "placeholder":
+                out = _Value([(self.new_space(None, "model input"), None)])
+            elif node.op == "call_module":
+                mod = self.modules[node.target]
+                name = str(node.target)
+                if isinstance(mod, nn.Conv2d) and isinstance(x, _Value) and not x.flat:
+                    anc.add(name)
+                    if mod.groups == 1:
+                        self.consume(x, name, mod.in_channels)
+                        sid = self.new_space(mod.out_channels)
+                        self.spaces[sid].producers.append(name)
+                        out = _Value([(sid, mod.out_channels)])
+                    elif mod.groups == mod.in_channels == mod.out_channels:
+                        for sid, _ in x.segments:
+                            self.space(sid).passthrough.append(name)
+                        out = x  # depthwise: channel c in -> channel c out
+                    else:
+                        self.block(x, f"grouped conv {name} (groups={mod.groups})")
+                        sid = self.new_space(mod.out_channels, f"grouped conv {name}")
+                        out = _Value([(sid, mod.out_channels)])
+                elif isinstance(mod, nn.Linear) and isinstance(x, _Value):
+                    anc.add(name)
+                    channels = sum(n or 0 for _, n in x.segments)
+                    self.consume(x, name, channels, features=mod.in_features)
+                    sid = self.new_space(mod.out_features)
+                    self.spaces[sid].producers.append(name)
+                    out = _Value([(sid, mod.out_features)])
+                elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and isinstance(x, _Value):
+                    anc.add(name)
+                    for sid, _ in x.segments:
+                        self.space(sid).passthrough.append(name)
+                    out = x
+                elif isinstance(mod, _PASS_MODULES) and isinstance(x, _Value):
+                    out = x
+                elif isinstance(mod, nn.Flatten) and isinstance(x, _Value) and mod.start_dim == 1:
+                    out = _Value(x.segments, flat=True)
+                else:
+                    reason = f"unsupported module {name} ({type(mod).__name__})"
+                    for a in args:
+                        self.block(a, reason)
+                    self.notes.append(reason)
+                    out = _Value([(self.new_space(None, reason), None)])
+            elif node.op in ("call_function", "call_method"):
+                out = self._function(node, args, x)
+                if node.target in _ADDS:
+                    branch = self._depth_branch(node, weight_ancestors)
+                    if branch:
+                        depth.append(branch)
+            elif node.op == "output":
+                for a in node.args:
+                    for leaf in _leaves(a):
+                        v = env.get(leaf)
+                        if isinstance(v, _Value):
+                            for sid, _ in v.segments:
+                                terminal.update(self.space(sid).producers)
+                        self.block(v, "model output")
+            env[node] = out
+            weight_ancestors[node] = frozenset(anc)
+
+        roots = {self.find(i) for i in range(len(self.spaces))}
+        spaces = [self.spaces[r] for r in sorted(roots) if self.spaces[r].producers]
+        return GraphAnalysis(spaces, depth, terminal, self.notes)
+
+    def _function(self, node: fx.Node, args: list[object], x: object) -> object:
+        target = node.target
+        is_fn = node.op == "call_function"
+        if (is_fn and target is getattr) or (not is_fn and target in _IGNORED_METHODS):
+            return None
+        if (is_fn and target in _PASS_FUNCTIONS) or (not is_fn and target in _PASS_METHODS):
+            return x if isinstance(x, _Value) else None
+        if (is_fn and target in _BINARY) or (not is_fn and target in _BINARY_METHODS):
+            tensors = [a for a in args[:2] if isinstance(a, _Value)]
+            if len(tensors) == 1:
+                return tensors[0]
+            if len(tensors) == 2:
+                a, b = tensors
+                if a.flat == b.flat and [n for _, n in a.segments] == [n for _, n in b.segments]:
+                    for (sa, _), (sb, _) in zip(a.segments, b.segments, strict=True):
+                        self.union(sa, sb)
+                    return a
+                reason = f"{node.name}: operands with different channel layouts"
+                self.block(a, reason)
+                self.block(b, reason)
+                return _Value([(self.new_space(None, reason), None)])
+            return None
+        if is_fn and target is torch.cat:
+            parts = node.args[0]
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            vals = [self._env_value(p) for p in parts] if isinstance(parts, list | tuple) else []
+            if dim == 1 and vals and all(isinstance(v, _Value) and not v.flat for v in vals):
+                return _Value([seg for v in vals for seg in v.segments])  # type: ignore[union-attr]
+            for v in vals:
+                self.block(v, f"{node.name}: concat along dim {dim}")
+            return _Value([(self.new_space(None, f"{node.name}: concat"), None)])
+        flat_call = (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target == "flatten")
+        if flat_call and isinstance(x, _Value):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            if start == 1:
+                return _Value(x.segments, flat=True)
+        is_view = not is_fn and target in ("view", "reshape") and len(node.args) == 3
+        if is_view and isinstance(x, _Value) and node.args[2] == -1:  # x.view(x.size(0), -1)
+            return _Value(x.segments, flat=True)
+        reason = f"unsupported op {node.name} ({getattr(target, '__name__', target)})"
+        found = False
+        for a in args:
+            if isinstance(a, _Value):
+                found = True
+                self.block(a, reason)
+        if found:
+            self.notes.append(reason)
+            return _Value([(self.new_space(None, reason), None)])
+        return None
+
+    def _env_value(self, n: object) -> object:
+        return self.env.get(n) if isinstance(n, fx.Node) else None
+
+    def _depth_branch(self, node: fx.Node, anc: dict[fx.Node, frozenset[str]]) -> list[str]:
+        ins = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        if len(ins) != 2:
+            return []
+        a, b = anc.get(ins[0], frozenset()), anc.get(ins[1], frozenset())
+
+        def weights(names: frozenset[str]) -> list[str]:
+            return sorted(n for n in names if isinstance(self.modules[n], nn.Conv2d | nn.Linear))
+
+        wa, wb = weights(a - b), weights(b - a)
+        # The residual branch is the side with more weight layers; the other is the shortcut
+        # (identity, or a 1x1 projection that the paper excludes from depth groups).
+        return wa if len(wa) > len(wb) else wb if len(wb) > len(wa) else []
+
+
+def _leaves(a: object) -> list[fx.Node]:
+    if isinstance(a, fx.Node):
+        return [a]
+    if isinstance(a, list | tuple):
+        return [n for x in a for n in _leaves(x)]
+    if isinstance(a, dict):
+        return [n for x in a.values() for n in _leaves(x)]
+    return []
+
+
+def analyze(model: nn.Module) -> GraphAnalysis:
+    """Trace ``model`` with ``torch.fx`` and return its channel spaces and residual branches.
+
+    Raises ``RuntimeError`` (with the tracer's message) when the model is not symbolically traceable.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as err:
+        raise RuntimeError(
+            f"torch.fx could not trace {type(model).__name__}: {err}. Coupled and depth groups need a "
+            "traceable model; use uncoupled group types or list depth blocks explicitly (depth_blocks=...)."
+        ) from err
+    return _Analyzer(gm).run()

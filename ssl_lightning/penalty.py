@@ -1,0 +1,131 @@
+"""Group-lasso penalty, its gradient, the proximal step and pruning masks. Pure torch, no Lightning.
+
+All norms are computed in fp32 whatever the parameter dtype (AMP / bf16 safe). Functions take a
+``scale`` (the schedule's λ factor for the current step) multiplying each family's ``lam``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ssl_lightning.groups import Group
+
+__all__ = [
+    "add_group_lasso_grad_",
+    "apply_masks_",
+    "group_lasso",
+    "group_masks",
+    "mask_grads_",
+    "proximal_step_",
+    "zero_small_",
+]
+
+
+def _checked_norms(group: Group) -> Tensor:
+    norms = group.norms()
+    if not torch.isfinite(norms).all():
+        bad = int((~torch.isfinite(norms)).sum())
+        raise FloatingPointError(
+            f"{bad} group norm(s) of {group.name} are NaN/inf: the weights diverged. Lower the learning rate "
+            "or λ, enable gradient clipping, or check the input data; SSL will not continue on non-finite weights."
+        )
+    return norms
+
+
+def _inverse(norms: Tensor) -> Tensor:
+    """1/‖w_g‖ with 0 for zero groups (the subgradient the paper uses at 0)."""
+    return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
+
+
+def group_lasso(groups: Iterable[Group], scale: float = 1.0) -> Tensor:
+    """Σ_families λ·scale·Σ_g ‖w_g‖ as an fp32 scalar (for logging; not part of the autograd graph)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for g in groups:
+        total = total + g.lam * scale * _checked_norms(g).sum().cpu()
+    return total
+
+
+def add_group_lasso_grad_(groups: Iterable[Group], scale: float = 1.0) -> None:
+    """``p.grad += λ·scale·w/‖w_g‖`` for every member (the paper's gradient form; 0 on zero groups).
+
+    Call once per optimizer step, after gradients are final (unscaled, accumulated): the penalty is a
+    per-step term, not per micro-batch.
+    """
+    for g in groups:
+        lam = g.lam * scale
+        if lam == 0:
+            continue
+        inv = _inverse(_checked_norms(g)) * lam
+        for m in g.members:
+            grad = m.param.grad
+            if grad is None:
+                continue
+            step = m.view(m.param.detach()).float() * m.per_group(inv.to(grad.device))
+            m.update_(grad, lambda v, s=step: v.add_(s.to(v.dtype)))
+
+
+def proximal_step_(groups: Iterable[Group], scale: float, lr_of: Callable[[Tensor], float]) -> None:
+    """Group soft-threshold after an optimizer step: w_g ← w_g·max(0, 1 − lr·λ·scale/‖w_g‖).
+
+    Groups whose norm is below lr·λ become exactly zero. ``lr_of(param)`` gives the learning rate the
+    optimizer used for ``param``; a coupled family uses the rate of its first member.
+    """
+    with torch.no_grad():
+        for g in groups:
+            lam = g.lam * scale
+            if lam == 0:
+                continue
+            norms = _checked_norms(g)
+            t = lr_of(g.members[0].param) * lam
+            factor = torch.clamp(1 - t * _inverse(norms), min=0)
+            factor = torch.where(norms > 0, factor, torch.zeros_like(factor))
+            for m in g.members:
+                f = m.per_group(factor.to(m.param.device))
+                m.update_(m.param.data, lambda v, f=f: v.mul_(f.to(v.dtype)))
+
+
+def zero_small_(params: Iterable[Tensor], threshold: float) -> None:
+    """The original SSL code's element zero-out: |w| < threshold → 0, after every update."""
+    if threshold <= 0:
+        return
+    with torch.no_grad():
+        for p in params:
+            p.masked_fill_(p.abs() < threshold, 0)
+
+
+def group_masks(groups: Sequence[Group], threshold: float) -> dict[str, Tensor]:
+    """Keep-masks (bool, parameter-shaped) that prune every group whose RMS weight ‖w_g‖/sqrt(|g|)
+    is at or below ``threshold`` (so exactly-zero groups are always pruned). Families on the same
+    tensor combine with AND. Keys are the members' qualified parameter names.
+    """
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    masks: dict[str, Tensor] = {}
+    for g in groups:
+        rms = _checked_norms(g) / math.sqrt(g.group_size)
+        keep = rms > threshold
+        for m in g.members:
+            mask = masks.setdefault(m.name, torch.ones_like(m.param, dtype=torch.bool))
+            k = m.per_group(keep.to(mask.device))
+            m.update_(mask, lambda v, k=k: v.logical_and_(k))
+    return masks
+
+
+def apply_masks_(params: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+    """Zero every masked-out weight in place."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+
+def mask_grads_(params: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
+    """Zero gradients of masked-out weights, so momentum and Adam moments never move them."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.mul_(mask.to(grad.dtype))

@@ -1,0 +1,201 @@
+"""Per-layer structured-sparsity report (the paper's Tables 1–4 layout), usable without the callback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssl_lightning.ops import lowered_nonzero
+
+__all__ = ["LayerStats", "SparsityReport", "record_spatial", "sparsity_report"]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    kind: str  # "conv" | "linear"
+    filters: int  # GEMM rows (conv filters / linear output neurons)
+    filters_kept: int
+    channels: int  # input channels / input features
+    channels_kept: int
+    filter_size: int  # GEMM columns per conv-group bank (C/g·KH·KW; in_features for linear)
+    filter_size_kept: float  # mean kept columns per bank
+    row_sparsity: float  # fraction of all-zero GEMM rows
+    col_sparsity: float  # fraction of all-zero GEMM columns (over all banks)
+    kernel2d_sparsity: float  # fraction of all-zero 2-D kernels (conv only; 0 for linear)
+    params: int  # weight + bias elements
+    params_nonzero: int
+    macs: int  # dense multiply-accumulates per sample (0 when the spatial size is unknown)
+    macs_kept: int  # MACs of the structured (row x column) compacted GEMM
+
+    @property
+    def flop_fraction(self) -> float:
+        return self.macs_kept / self.macs if self.macs else float("nan")
+
+
+def record_spatial(model: nn.Module, *example_inputs: Tensor) -> dict[str, int]:
+    """Output positions (Ho·Wo) of every Conv2d for one forward of ``example_inputs`` (eval, no grad)."""
+    out: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, y, n=n: out.__setitem__(n, int(y.shape[-1] * y.shape[-2])))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> LayerStats:
+    """Structure of one Conv2d / Linear from its exact zeros. ``positions``: conv output Ho·Wo."""
+    w = module.weight.detach()
+    bias = getattr(module, "bias", None)
+    params = w.numel() + (bias.numel() if isinstance(bias, Tensor) else 0)
+    nonzero = int((w != 0).sum()) + (int((bias != 0).sum()) if isinstance(bias, Tensor) else 0)
+    if isinstance(module, nn.Conv2d):
+        g = module.groups
+        rows, cols = lowered_nonzero(w, g)  # [N], [g, Cg*KH*KW]
+        n, cg, kh, kw = w.shape
+        chan = cols.view(g, cg, kh * kw).any(dim=2).reshape(-1)
+        rows_per_bank = rows.view(g, n // g).sum(dim=1)
+        cols_per_bank = cols.sum(dim=1)
+        pos = positions or 0
+        kernels = (w.reshape(n * cg, kh * kw) != 0).any(dim=1)
+        return LayerStats(
+            name, "conv", n, int(rows.sum()), cg * g, int(chan.sum()), cg * kh * kw,
+            float(cols_per_bank.float().mean()), 1 - float(rows.float().mean()), 1 - float(cols.float().mean()),
+            1 - float(kernels.float().mean()), params, nonzero,
+            n * cg * kh * kw * pos, int((rows_per_bank * cols_per_bank).sum()) * pos,
+        )  # fmt: skip
+    rows, cols = lowered_nonzero(w, 1)
+    out_f, in_f = w.shape
+    kept_cols = int(cols.sum())
+    return LayerStats(
+        name, "linear", out_f, int(rows.sum()), in_f, kept_cols, in_f, float(kept_cols),
+        1 - float(rows.float().mean()), 1 - float(cols.float().mean()), 0.0, params, nonzero,
+        out_f * in_f, int(rows.sum()) * kept_cols,
+    )  # fmt: skip
+
+
+@dataclass
+class SparsityReport:
+    layers: list[LayerStats]
+
+    def totals(self) -> dict[str, float]:
+        macs = sum(s.macs for s in self.layers)
+        params = sum(s.params for s in self.layers)
+        return {
+            "macs": macs,
+            "macs_kept": sum(s.macs_kept for s in self.layers),
+            "flop_fraction": sum(s.macs_kept for s in self.layers) / macs if macs else float("nan"),
+            "params": params,
+            "params_nonzero": sum(s.params_nonzero for s in self.layers),
+            "param_fraction": sum(s.params_nonzero for s in self.layers) / params if params else float("nan"),
+        }
+
+    def to_dict(self) -> dict[str, object]:
+        return {"layers": [asdict(s) | {"flop_fraction": s.flop_fraction} for s in self.layers], **self.totals()}
+
+    def metrics(self, prefix: str = "ssl") -> dict[str, float]:
+        """Flat scalar metrics for loggers: ``{prefix}/{layer}/{stat}`` and ``{prefix}/total/{stat}``."""
+        out: dict[str, float] = {}
+        for s in self.layers:
+            p = f"{prefix}/{s.name}"
+            if s.kind == "conv":
+                out[f"{p}/filter_sparsity"] = 1 - s.filters_kept / s.filters
+                out[f"{p}/channel_sparsity"] = 1 - s.channels_kept / s.channels
+                out[f"{p}/shape_sparsity"] = s.col_sparsity
+                out[f"{p}/kernel2d_sparsity"] = s.kernel2d_sparsity
+            else:
+                out[f"{p}/neuron_out_sparsity"] = s.row_sparsity
+                out[f"{p}/neuron_in_sparsity"] = s.col_sparsity
+            out[f"{p}/row_sparsity"] = s.row_sparsity
+            out[f"{p}/col_sparsity"] = s.col_sparsity
+            out[f"{p}/params_remaining"] = s.params_nonzero / s.params
+            if s.macs:
+                out[f"{p}/flops_remaining"] = s.flop_fraction
+        t = self.totals()
+        out[f"{prefix}/total/params_remaining"] = t["param_fraction"]
+        if t["macs"]:
+            out[f"{prefix}/total/flops_remaining"] = t["flop_fraction"]
+        return out
+
+    def to_text(self) -> str:
+        head = (
+            f"{'layer':<18}{'filters':>10}{'channels':>10}{'filter size':>14}{'row sp.':>9}{'col sp.':>9}"
+            f"{'2D sp.':>8}{'FLOP':>8}{'params':>16}"
+        )
+        lines = [head, "-" * len(head)]
+        for s in self.layers:
+            flop = f"{100 * s.flop_fraction:.1f}%" if s.macs else "n/a"
+            lines.append(
+                f"{s.name:<18}{f'{s.filters_kept}/{s.filters}':>10}{f'{s.channels_kept}/{s.channels}':>10}"
+                f"{f'{s.filter_size_kept:.0f}/{s.filter_size}':>14}{100 * s.row_sparsity:>8.1f}%"
+                f"{100 * s.col_sparsity:>8.1f}%{100 * s.kernel2d_sparsity:>7.1f}%{flop:>8}"
+                f"{f'{s.params_nonzero}/{s.params}':>16}"
+            )
+        t = self.totals()
+        flop = f"{100 * t['flop_fraction']:.1f}%" if t["macs"] else "n/a"
+        lines.append("-" * len(head))
+        params = f"{t['params_nonzero']}/{t['params']}"
+        lines.append(f"{'total':<18}{'':>60}{flop:>8}{params:>16}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def sparsity_report(
+    model: nn.Module,
+    *example_inputs: Tensor,
+    spatial: Mapping[str, int] | None = None,
+    layers: Iterable[str] | None = None,
+) -> SparsityReport:
+    """Report every Conv2d / Linear of ``model`` (or only ``layers``). FLOPs need the conv output sizes:
+    pass ``example_inputs`` (one forward is run) or a precomputed ``spatial`` map from :func:`record_spatial`."""
+    if spatial is None:
+        spatial = record_spatial(model, *example_inputs) if example_inputs else {}
+    wanted = set(layers) if layers is not None else None
+    stats = [
+        layer_stats(n, m, spatial.get(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear) and (wanted is None or n in wanted)
+    ]
+    return SparsityReport(stats)
+
+
+def plot_layer_sparsity(report: SparsityReport) -> Any:
+    """Per-layer bar chart of row / column sparsity and remaining FLOPs, as an RGB uint8 array (H x W x 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [s.name for s in report.layers]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.2), dpi=100)
+    ax.bar(x - 0.27, [100 * s.row_sparsity for s in report.layers], 0.27, label="row (filter) sparsity")
+    ax.bar(x, [100 * s.col_sparsity for s in report.layers], 0.27, label="column (shape) sparsity")
+    flop = [100 * s.flop_fraction if s.macs else 0.0 for s in report.layers]
+    ax.bar(x + 0.27, flop, 0.27, label="FLOP remaining")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+    plt.close(fig)
+    return image
