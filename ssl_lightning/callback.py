@@ -40,7 +40,7 @@ def _check_number(arg: str, value: object, *, minimum: float = 0.0, strict: bool
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= minimum if strict else value < minimum):  # type: ignore[operator]
         op = ">" if strict else ">="
-        raise ValueError(f"{arg} must be a finite number {op} {minimum}, got {value!r}")
+        raise ValueError(f"{arg} must be a finite number {op} {minimum:g}, got {value!r}")
 
 
 class StructuredSparsity(Callback):
@@ -222,7 +222,9 @@ class StructuredSparsity(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step != self._last_logged:
             self._last_logged = trainer.global_step
-            self.log_sparsity(trainer, pl_module, chart=True)
+            self.log_sparsity(trainer, pl_module)
+        if self.log_histograms and trainer.is_global_zero:
+            self._log_wandb_chart(trainer, pl_module, trainer.global_step)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -289,33 +291,37 @@ class StructuredSparsity(Callback):
         out["ssl/phase"] = float(_PHASE_CODE[self.phase(trainer)])
         return out
 
-    def log_sparsity(self, trainer: Trainer, pl_module: LightningModule, chart: bool = False) -> None:
+    def log_sparsity(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Send :meth:`metrics` (and group-norm histograms to W&B) to every logger of the trainer."""
         if not trainer.loggers or not trainer.is_global_zero:
             return
         metrics = self.metrics(trainer, pl_module)
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        if self.log_histograms:
-            self._log_wandb_media(trainer, pl_module, step, chart)
+        wandb_loggers = self._wandb_loggers(trainer)
+        if self.log_histograms and wandb_loggers:
+            import wandb
 
-    def _log_wandb_media(self, trainer: Trainer, pl_module: LightningModule, step: int, chart: bool) -> None:
+            hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().numpy()) for g in self.groups}
+            for lg in wandb_loggers:
+                lg.log_metrics(hists, step=step)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _wandb_loggers(trainer: Trainer) -> list[Any]:
         from lightning.pytorch.loggers import WandbLogger
 
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+    def _log_wandb_chart(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        loggers = self._wandb_loggers(trainer)
         if not loggers:
             return
-        import wandb
+        from ssl_lightning.report import plot_layer_sparsity
 
-        hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().numpy()) for g in self.groups}
+        image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
         for lg in loggers:
-            lg.log_metrics(hists, step=step)  # type: ignore[arg-type]
-        if chart:
-            from ssl_lightning.report import plot_layer_sparsity
-
-            image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
-            for lg in loggers:
-                lg.log_image("ssl/layer_sparsity", [image], step=step)
+            lg.log_image("ssl/layer_sparsity", [image], step=step)
 
     # ------------------------------------------------------------ checkpoint
     @override

@@ -23,7 +23,7 @@ from ssl_lightning.models import ImageClassifier, LeNet
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", default="filter,channel,shape", help="comma-separated SSL group types")
-    p.add_argument("--lam", type=float, default=0.02, help="λ for every group type")
+    p.add_argument("--lam", type=float, default=0.05, help="λ for every group type")
     p.add_argument("--epochs-dense", type=int, default=2)
     p.add_argument("--epochs-ssl", type=int, default=8)
     p.add_argument("--epochs-finetune", type=int, default=3)
