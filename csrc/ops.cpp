@@ -13,6 +13,8 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cpu(const at::Tensor& weight,
               weight.dim(), " dims");
   TORCH_CHECK(groups >= 1, "lowered_nonzero: groups must be >= 1, got ", groups);
   const int64_t n = weight.size(0);
+  TORCH_CHECK(n > 0 && weight.numel() > 0, "lowered_nonzero: weight must have at least one row and column, got shape ",
+              weight.sizes());
   TORCH_CHECK(n % groups == 0, "lowered_nonzero: groups (", groups, ") must divide the number of rows (",
               n, ")");
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble ||

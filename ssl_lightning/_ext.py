@@ -10,7 +10,7 @@ import warnings
 def has_compiled_ops() -> bool:
     """True when ``ssl_lightning._C`` loaded and registered its ops with the dispatcher."""
     try:
-        from ssl_lightning import _C  # noqa: F401
+        from ssl_lightning import _C  # type: ignore[attr-defined]  # noqa: F401
     except ImportError as err:  # build skipped or failed: pure-PyTorch twins take over
         warnings.warn(
             f"ssl_lightning._C could not be loaded ({err}); using the pure-PyTorch reference ops. "

@@ -132,7 +132,7 @@ class StructuredSparsity(Callback):
         return self.schedule.phase_at(self.clock(trainer))
 
     def lambda_scale(self, trainer: Trainer) -> float:
-        return lambda_factor(self.schedule, self.clock(trainer), self.lambda_schedule, self.warmup)  # type: ignore[arg-type]
+        return lambda_factor(self.schedule, self.clock(trainer), self.lambda_schedule, self.warmup)
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -198,12 +198,14 @@ class StructuredSparsity(Callback):
             mask_grads_(self._params, self.masks)
 
     def _after_step_hook(self, groups: list[Group], lr_of: dict[int, dict[str, Any]]) -> Any:
+        params = list(group_parameters(groups).values())  # each tensor once, though several families share it
+
         def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             phase, scale = self._step_state
             if phase == "ssl":
                 if self.method == "proximal":
                     proximal_step_(groups, scale, lambda p: float(lr_of[id(p)]["lr"]))
-                zero_small_([m.param for g in groups for m in g.members], self.zero_threshold)
+                zero_small_(params, self.zero_threshold)
             if self._mask_owner:
                 apply_masks_(self._params, self.masks)
 
@@ -303,9 +305,9 @@ class StructuredSparsity(Callback):
         if self.log_histograms and wandb_loggers:
             import wandb
 
-            hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().numpy()) for g in self.groups}
+            hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().tolist()) for g in self.groups}
             for lg in wandb_loggers:
-                lg.log_metrics(hists, step=step)  # type: ignore[arg-type]
+                lg.log_metrics(hists, step=step)
 
     @staticmethod
     def _wandb_loggers(trainer: Trainer) -> list[Any]:

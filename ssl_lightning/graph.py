@@ -245,8 +245,9 @@ class _Analyzer:
             parts = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             vals = [self._env_value(p) for p in parts] if isinstance(parts, list | tuple) else []
-            if dim == 1 and vals and all(isinstance(v, _Value) and not v.flat for v in vals):
-                return _Value([seg for v in vals for seg in v.segments])  # type: ignore[union-attr]
+            tensors = [v for v in vals if isinstance(v, _Value) and not v.flat]
+            if dim == 1 and tensors and len(tensors) == len(vals):
+                return _Value([seg for v in tensors for seg in v.segments])
             for v in vals:
                 self.block(v, f"{node.name}: concat along dim {dim}")
             return _Value([(self.new_space(None, f"{node.name}: concat"), None)])
@@ -260,10 +261,10 @@ class _Analyzer:
             return _Value(x.segments, flat=True)
         reason = f"unsupported op {node.name} ({getattr(target, '__name__', target)})"
         found = False
-        for a in args:
-            if isinstance(a, _Value):
+        for arg in args:
+            if isinstance(arg, _Value):
                 found = True
-                self.block(a, reason)
+                self.block(arg, reason)
         if found:
             self.notes.append(reason)
             return _Value([(self.new_space(None, reason), None)])

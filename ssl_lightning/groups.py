@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
+import torch
 from torch import Tensor, nn
 
 from ssl_lightning.graph import GraphAnalysis, analyze
@@ -35,6 +36,7 @@ __all__ = [
     "GroupType",
     "Member",
     "build_groups",
+    "family_norms",
     "validate_lambdas",
 ]
 
@@ -83,6 +85,10 @@ class Member:
         v = self.view((self.param if t is None else t).detach()).float()
         return (v * v).sum(self.reduce_dims).reshape(-1)
 
+    def reduce_sq(self, sq: Tensor) -> Tensor:
+        """Per-group sums of an already squared fp32 copy of the parameter, shape [num_groups]."""
+        return self.view(sq).sum(self.reduce_dims).reshape(-1)
+
     def per_group(self, values: Tensor) -> Tensor:
         """Reshape a [num_groups] tensor so it broadcasts against :meth:`view`."""
         return values.reshape(self.keep_shape)
@@ -122,6 +128,33 @@ class Group:
         for m in self.members[1:]:
             total = total + m.sq_sums().to(total.device)
         return total.sqrt()
+
+
+def weight_of(module: nn.Module) -> Tensor:
+    """The ``weight`` tensor of a Conv2d / Linear (typed)."""
+    w = module.weight
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return w
+
+
+def family_norms(groups: Sequence[Group]) -> list[Tensor]:
+    """:meth:`Group.norms` of every family, squaring each distinct tensor once (families on the same
+    weight — filter, channel, shape, kernel2d — share the squares)."""
+    squares: dict[int, Tensor] = {}
+    out = []
+    for g in groups:
+        total: Tensor | None = None
+        for m in g.members:
+            sq = squares.get(id(m.param))
+            if sq is None:
+                p = m.param.detach()
+                sq = squares[id(m.param)] = (p.float() * p.float()) if p.dtype != torch.float32 else p * p
+            part = m.reduce_sq(sq)
+            total = part if total is None else total + part.to(total.device)
+        assert total is not None
+        out.append(total.sqrt())
+    return out
 
 
 def conv_member(name: str, w: Tensor, kind: str, groups: int) -> Member:
@@ -262,7 +295,7 @@ def _coupled_group(
                 members.append(Member(f"{name}.{pname}", p, (size, p.numel() // size), (1,)))
     for name, off, hw in sp.consumers:
         mod = modules[name]
-        w = mod.weight
+        w = weight_of(mod)
         if isinstance(mod, nn.Conv2d):
             view: tuple[int, ...] = (w.shape[0], w.shape[1], w.shape[2] * w.shape[3])
         else:
@@ -335,7 +368,7 @@ def build_groups(
             if kind in ("filter", "neuron_out") and (name in terminal or name in coupled_done):
                 continue
             lam = _layer_lambda(name, mod, kind, lambdas[kind], layer_lambdas)
-            w = mod.weight
+            w = weight_of(mod)
             if isinstance(mod, nn.Conv2d):
                 member = conv_member(f"{name}.weight", w, kind, mod.groups)
             else:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ssl_lightning.groups import Group
+from ssl_lightning.groups import Group, family_norms
 
 __all__ = [
     "add_group_lasso_grad_",
@@ -36,6 +36,15 @@ def _checked_norms(group: Group) -> Tensor:
     return norms
 
 
+def _all_norms(groups: Sequence[Group]) -> list[Tensor]:
+    """Norms of every family, with one finiteness check (one host sync) for all of them."""
+    norms = family_norms(groups)
+    if norms and not bool(torch.isfinite(torch.cat([n.reshape(-1).to(norms[0].device) for n in norms])).all()):
+        for g in groups:
+            _checked_norms(g)  # raises, naming the first bad family
+    return norms
+
+
 def _inverse(norms: Tensor) -> Tensor:
     """1/‖w_g‖ with 0 for zero groups (the subgradient the paper uses at 0)."""
     return torch.where(norms > 0, norms.reciprocal(), torch.zeros_like(norms))
@@ -49,43 +58,45 @@ def group_lasso(groups: Iterable[Group], scale: float = 1.0) -> Tensor:
     return total
 
 
-def add_group_lasso_grad_(groups: Iterable[Group], scale: float = 1.0) -> None:
+def add_group_lasso_grad_(groups: Sequence[Group], scale: float = 1.0) -> None:
     """``p.grad += λ·scale·w/‖w_g‖`` for every member (the paper's gradient form; 0 on zero groups).
 
     Call once per optimizer step, after gradients are final (unscaled, accumulated): the penalty is a
     per-step term, not per micro-batch.
     """
-    for g in groups:
-        lam = g.lam * scale
-        if lam == 0:
-            continue
-        inv = _inverse(_checked_norms(g)) * lam
+    active = [g for g in groups if g.lam * scale != 0]
+    for g, norms in zip(active, _all_norms(active), strict=True):
+        inv = _inverse(norms) * (g.lam * scale)
         for m in g.members:
             grad = m.param.grad
             if grad is None:
                 continue
             step = m.view(m.param.detach()).float() * m.per_group(inv.to(grad.device))
-            m.update_(grad, lambda v, s=step: v.add_(s.to(v.dtype)))
+
+            def add(v: Tensor, step: Tensor = step) -> None:
+                v.add_(step.to(v.dtype))
+
+            m.update_(grad, add)
 
 
-def proximal_step_(groups: Iterable[Group], scale: float, lr_of: Callable[[Tensor], float]) -> None:
+def proximal_step_(groups: Sequence[Group], scale: float, lr_of: Callable[[Tensor], float]) -> None:
     """Group soft-threshold after an optimizer step: w_g ← w_g·max(0, 1 − lr·λ·scale/‖w_g‖).
 
     Groups whose norm is below lr·λ become exactly zero. ``lr_of(param)`` gives the learning rate the
     optimizer used for ``param``; a coupled family uses the rate of its first member.
     """
+    active = [g for g in groups if g.lam * scale != 0]
     with torch.no_grad():
-        for g in groups:
-            lam = g.lam * scale
-            if lam == 0:
-                continue
-            norms = _checked_norms(g)
-            t = lr_of(g.members[0].param) * lam
-            factor = torch.clamp(1 - t * _inverse(norms), min=0)
-            factor = torch.where(norms > 0, factor, torch.zeros_like(factor))
+        for g, norms in zip(active, _all_norms(active), strict=True):
+            t = lr_of(g.members[0].param) * g.lam * scale
+            factor = (1 - t / norms).clamp_(min=0)  # t > 0, so zero norms give -inf -> 0
             for m in g.members:
                 f = m.per_group(factor.to(m.param.device))
-                m.update_(m.param.data, lambda v, f=f: v.mul_(f.to(v.dtype)))
+
+                def shrink(v: Tensor, f: Tensor = f) -> None:
+                    v.mul_(f.to(v.dtype))
+
+                m.update_(m.param.data, shrink)
 
 
 def zero_small_(params: Iterable[Tensor], threshold: float) -> None:
@@ -111,7 +122,11 @@ def group_masks(groups: Sequence[Group], threshold: float) -> dict[str, Tensor]:
         for m in g.members:
             mask = masks.setdefault(m.name, torch.ones_like(m.param, dtype=torch.bool))
             k = m.per_group(keep.to(mask.device))
-            m.update_(mask, lambda v, k=k: v.logical_and_(k))
+
+            def keep_only(v: Tensor, k: Tensor = k) -> None:
+                v.logical_and_(k)
+
+            m.update_(mask, keep_only)
     return masks
 
 

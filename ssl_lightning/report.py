@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssl_lightning.groups import weight_of
 from ssl_lightning.ops import lowered_nonzero
 
 __all__ = ["LayerStats", "SparsityReport", "record_spatial", "sparsity_report"]
@@ -57,9 +58,13 @@ def record_spatial(model: nn.Module, *example_inputs: Tensor) -> dict[str, int]:
     return out
 
 
+def _zero_fraction(keep: Tensor) -> float:
+    return (keep.numel() - int(keep.sum())) / keep.numel()
+
+
 def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> LayerStats:
     """Structure of one Conv2d / Linear from its exact zeros. ``positions``: conv output Ho·Wo."""
-    w = module.weight.detach()
+    w = weight_of(module).detach()
     bias = getattr(module, "bias", None)
     params = w.numel() + (bias.numel() if isinstance(bias, Tensor) else 0)
     nonzero = int((w != 0).sum()) + (int((bias != 0).sum()) if isinstance(bias, Tensor) else 0)
@@ -74,8 +79,7 @@ def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> L
         kernels = (w.reshape(n * cg, kh * kw) != 0).any(dim=1)
         return LayerStats(
             name, "conv", n, int(rows.sum()), cg * g, int(chan.sum()), cg * kh * kw,
-            float(cols_per_bank.float().mean()), 1 - float(rows.float().mean()), 1 - float(cols.float().mean()),
-            1 - float(kernels.float().mean()), params, nonzero,
+            int(cols.sum()) / g, _zero_fraction(rows), _zero_fraction(cols), _zero_fraction(kernels), params, nonzero,
             n * cg * kh * kw * pos, int((rows_per_bank * cols_per_bank).sum()) * pos,
         )  # fmt: skip
     rows, cols = lowered_nonzero(w, 1)
@@ -83,7 +87,7 @@ def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> L
     kept_cols = int(cols.sum())
     return LayerStats(
         name, "linear", out_f, int(rows.sum()), in_f, kept_cols, in_f, float(kept_cols),
-        1 - float(rows.float().mean()), 1 - float(cols.float().mean()), 0.0, params, nonzero,
+        _zero_fraction(rows), _zero_fraction(cols), 0.0, params, nonzero,
         out_f * in_f, int(rows.sum()) * kept_cols,
     )  # fmt: skip
 
@@ -113,8 +117,8 @@ class SparsityReport:
         for s in self.layers:
             p = f"{prefix}/{s.name}"
             if s.kind == "conv":
-                out[f"{p}/filter_sparsity"] = 1 - s.filters_kept / s.filters
-                out[f"{p}/channel_sparsity"] = 1 - s.channels_kept / s.channels
+                out[f"{p}/filter_sparsity"] = (s.filters - s.filters_kept) / s.filters
+                out[f"{p}/channel_sparsity"] = (s.channels - s.channels_kept) / s.channels
                 out[f"{p}/shape_sparsity"] = s.col_sparsity
                 out[f"{p}/kernel2d_sparsity"] = s.kernel2d_sparsity
             else:

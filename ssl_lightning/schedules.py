@@ -74,8 +74,8 @@ class PhaseSchedule:
                 raise ValueError(f"phases: gap between {a} (ends {a_end}) and {b} (starts {b_start})")
         if "finetune" in phases and phases["finetune"][1] is not None:
             raise ValueError("phases: finetune runs until training stops; give its end as None")
-        ssl = phases["ssl"]
-        return cls(ssl_start=int(ssl[0]), ssl_end=None if ssl[1] is None else int(ssl[1]), unit=unit)
+        _, ssl_start, ssl_end = next(span for span in spans if span[0] == "ssl")
+        return cls(ssl_start=ssl_start, ssl_end=ssl_end, unit=unit)
 
     def phase_at(self, t: int) -> Phase:
         if t < self.ssl_start:

@@ -69,7 +69,9 @@ def test_linear_group_norms_match_brute_force(out_f, in_f, kind) -> None:
     model = nn.Sequential(nn.Linear(in_f, out_f), nn.ReLU(), nn.Linear(out_f, 2))
     groups = [g for g in build_groups(model, {kind: 1.0}) if g.modules == ("0",)]
     w = model[0].weight.detach()
-    expected = torch.stack([w[j].norm() for j in range(out_f)] if kind == "neuron_out" else [w[:, i].norm() for i in range(in_f)])
+    expected = torch.stack(
+        [w[j].norm() for j in range(out_f)] if kind == "neuron_out" else [w[:, i].norm() for i in range(in_f)]
+    )
     torch.testing.assert_close(groups[0].norms(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -80,20 +82,28 @@ def test_coupled_filter_group_spans_bias_bn_and_consumer() -> None:
     names = {m.name for m in coupled.members}
     # conv2 is grouped, so the conv1 space is blocked from coupling; fall back to a plain filter group
     assert names == {"conv1.weight"}
-    seq = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4, 2))
+    seq = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4, 2)
+    )
     groups = build_groups(seq, {"filter": 1.0}, couple=True)
     first = next(g for g in groups if g.modules == ("0",))
     assert {m.name for m in first.members} == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight"}
     w0, b0, g1, b1, w3 = seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias, seq[3].weight
     expected = torch.stack(
-        [torch.cat([w0[c].flatten(), b0[c : c + 1], g1[c : c + 1], b1[c : c + 1], w3[:, c].flatten()]).norm() for c in range(6)]
+        [
+            torch.cat([w0[c].flatten(), b0[c : c + 1], g1[c : c + 1], b1[c : c + 1], w3[:, c].flatten()]).norm()
+            for c in range(6)
+        ]
     ).detach()
     torch.testing.assert_close(first.norms(), expected, rtol=1e-5, atol=1e-6)
     # conv 3 feeds the Linear through a flatten of 4 channels x 4 positions: hw factor 4
     second = next(g for g in groups if g.modules == ("3",))
     w5 = seq[5].weight.detach()
     exp2 = torch.stack(
-        [torch.cat([seq[3].weight[c].flatten(), seq[3].bias[c : c + 1], w5[:, 4 * c : 4 * c + 4].flatten()]).norm() for c in range(4)]
+        [
+            torch.cat([seq[3].weight[c].flatten(), seq[3].bias[c : c + 1], w5[:, 4 * c : 4 * c + 4].flatten()]).norm()
+            for c in range(4)
+        ]
     ).detach()
     torch.testing.assert_close(second.norms(), exp2, rtol=1e-5, atol=1e-6)
 
@@ -151,9 +161,18 @@ def test_layer_lambdas_and_size_scaling() -> None:
         ({"lambdas": {"shape": float("nan")}}, r"lambdas\['shape'\] must be a finite number >= 0"),
         ({"lambdas": {"filter": 1.0}, "include": ["conv9"]}, r"include: selector 'conv9' matches no module"),
         ({"lambdas": {"filter": 1.0}, "exclude": ["nope.*"]}, r"exclude: selector 'nope.\*' matches no module"),
-        ({"lambdas": {"filter": 1.0}, "include": ["bn1"]}, r"matches only unsupported module types \(e.g. bn1: BatchNorm2d\)"),
-        ({"lambdas": {"shape": 1.0}, "layer_lambdas": {"fc1": {"shape": 1.0}}}, r"group type 'shape' is unsupported for fc1 \(Linear\)"),
-        ({"lambdas": {"shape": 1.0}, "layer_lambdas": {"conv7": 2.0}}, r"layer_lambdas: pattern 'conv7' matches no module"),
+        (
+            {"lambdas": {"filter": 1.0}, "include": ["bn1"]},
+            r"matches only unsupported module types \(e.g. bn1: BatchNorm2d\)",
+        ),
+        (
+            {"lambdas": {"shape": 1.0}, "layer_lambdas": {"fc1": {"shape": 1.0}}},
+            r"group type 'shape' is unsupported for fc1 \(Linear\)",
+        ),
+        (
+            {"lambdas": {"shape": 1.0}, "layer_lambdas": {"conv7": 2.0}},
+            r"layer_lambdas: pattern 'conv7' matches no module",
+        ),
         ({"lambdas": {"shape": 1.0}, "include": ["fc1"]}, r"group type 'shape' needs nn.Conv2d layers"),
         ({"lambdas": {"depth": 1.0}}, r"group type 'depth' needs residual branches"),
         ({"lambdas": {"depth": 1.0}, "depth_blocks": ["block9"]}, r"depth_blocks: no module named 'block9'"),

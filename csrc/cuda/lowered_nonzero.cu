@@ -33,6 +33,8 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cuda(const at::Tensor& weight
               weight.dim(), " dims");
   TORCH_CHECK(groups >= 1, "lowered_nonzero: groups must be >= 1, got ", groups);
   const int64_t n = weight.size(0);
+  TORCH_CHECK(n > 0 && weight.numel() > 0, "lowered_nonzero: weight must have at least one row and column, got shape ",
+              weight.sizes());
   TORCH_CHECK(n % groups == 0, "lowered_nonzero: groups (", groups, ") must divide the number of rows (",
               n, ")");
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -40,7 +42,6 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cuda(const at::Tensor& weight
   const int64_t cols = w.size(1);
   at::Tensor rows = at::zeros({n}, weight.options().dtype(at::kBool));
   at::Tensor colflags = at::zeros({groups, cols}, weight.options().dtype(at::kBool));
-  if (n == 0) return {rows, colflags};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowered_nonzero_cuda", [&] {
     lowered_nonzero_kernel<scalar_t><<<n, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
         w.const_data_ptr<scalar_t>(), n / groups, cols, rows.mutable_data_ptr<bool>(),
