@@ -3,6 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace ssl_lightning {
 
 // Which GEMM rows (filters) and columns (filter-shape fibers W[:,c,kh,kw], per conv group) of a
@@ -22,26 +25,37 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cpu(const at::Tensor& weight,
               "lowered_nonzero: weight must be a floating tensor, got ", weight.scalar_type());
   const at::Tensor w = weight.contiguous().view({groups, n / groups, -1});
   const int64_t rows_per = w.size(1), cols = w.size(2);
-  at::Tensor row_out = at::zeros({n}, weight.options().dtype(at::kBool));
-  at::Tensor col_out = at::zeros({groups, cols}, weight.options().dtype(at::kBool));
+  at::Tensor row_out = at::empty({n}, weight.options().dtype(at::kBool));
+  at::Tensor col_out = at::empty({groups, cols}, weight.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowered_nonzero", [&] {
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     bool* rp = row_out.mutable_data_ptr<bool>();
     bool* cp = col_out.mutable_data_ptr<bool>();
-    // Parallel over (group, row); column flags are OR-reduced per bank, so each bank is one task.
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        bool* colg = cp + g * cols;
-        for (int64_t r = 0; r < rows_per; ++r) {
-          const scalar_t* row = src + (g * rows_per + r) * cols;
-          bool any = false;
-          for (int64_t c = 0; c < cols; ++c) {
-            const bool nz = static_cast<float>(row[c]) != 0.0f;
-            any |= nz;
-            colg[c] |= nz;
-          }
-          rp[g * rows_per + r] = any;
+    const scalar_t zero(0);
+    // Pass 1, rows: scan each row until its first nonzero (dense rows cost almost nothing).
+    at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = src + r * cols;
+        int64_t c = 0;
+        while (c < cols && row[c] == zero) ++c;
+        rp[r] = c < cols;
+      }
+    });
+    // Pass 2, columns: parallel over (bank, column chunk); all-zero rows are skipped. The inner loop is a
+    // branch-free byte OR that the compiler vectorizes.
+    constexpr int64_t kChunk = 256;
+    const int64_t chunks = (cols + kChunk - 1) / kChunk;
+    at::parallel_for(0, groups * chunks, 1, [&](int64_t t0, int64_t t1) {
+      uint8_t acc[kChunk];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / chunks, c0 = (t % chunks) * kChunk, len = std::min(kChunk, cols - c0);
+        std::fill(acc, acc + len, uint8_t(0));
+        for (int64_t r = g * rows_per; r < (g + 1) * rows_per; ++r) {
+          if (!rp[r]) continue;
+          const scalar_t* row = src + r * cols + c0;
+          for (int64_t c = 0; c < len; ++c) acc[c] |= static_cast<uint8_t>(row[c] != zero);
         }
+        for (int64_t c = 0; c < len; ++c) cp[g * cols + c0 + c] = acc[c] != 0;
       }
     });
   });

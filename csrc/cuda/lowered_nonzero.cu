@@ -1,7 +1,8 @@
 // CUDA backend of ssl_lightning::lowered_nonzero. Built only when torch has CUDA and a toolkit exists.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace ssl_lightning {
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cuda(const at::Tensor& weight
   at::Tensor rows = at::zeros({n}, weight.options().dtype(at::kBool));
   at::Tensor colflags = at::zeros({groups, cols}, weight.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowered_nonzero_cuda", [&] {
-    lowered_nonzero_kernel<scalar_t><<<n, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+    lowered_nonzero_kernel<scalar_t><<<n, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         w.const_data_ptr<scalar_t>(), n / groups, cols, rows.mutable_data_ptr<bool>(),
         colflags.mutable_data_ptr<bool>());
   });
