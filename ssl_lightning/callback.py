@@ -176,6 +176,14 @@ class StructuredSparsity(Callback):
             self._install_masks(pl_module, self._pending_masks)
             apply_masks_(self._params, self.masks)
             self._pending_masks = None
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = sorted({m.name for g in self.groups for m in g.members if id(m.param) not in optimized})
+        if missing:
+            raise ValueError(
+                f"StructuredSparsity: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are regularized "
+                "but no optimizer updates them, so SSL cannot act on them; add them to an optimizer or exclude "
+                "their layers (exclude=[...])"
+            )
         for opt in trainer.optimizers:
             lr_of = {id(p): group for group in opt.param_groups for p in group["params"]}
             mine = [g for g in self.groups if id(g.members[0].param) in lr_of]

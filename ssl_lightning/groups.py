@@ -17,13 +17,13 @@ Group types (W is a Conv2d weight N x C/g x KH x KW, g conv groups; L a Linear w
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
-import torch
 from torch import Tensor, nn
 
 from ssl_lightning.graph import GraphAnalysis, analyze
@@ -36,7 +36,7 @@ __all__ = [
     "GroupType",
     "Member",
     "build_groups",
-    "family_norms",
+    "family_sq_sums",
     "validate_lambdas",
 ]
 
@@ -62,7 +62,7 @@ class Member:
         v = t.reshape(self.view_shape)
         return v.narrow(*self.narrow) if self.narrow else v
 
-    @property
+    @functools.cached_property
     def keep_shape(self) -> tuple[int, ...]:
         shape = list(self.view_shape)
         if self.narrow:
@@ -138,9 +138,9 @@ def weight_of(module: nn.Module) -> Tensor:
     return w
 
 
-def family_norms(groups: Sequence[Group]) -> list[Tensor]:
-    """:meth:`Group.norms` of every family, squaring each distinct tensor once (families on the same
-    weight — filter, channel, shape, kernel2d — share the squares)."""
+def family_sq_sums(groups: Sequence[Group]) -> list[Tensor]:
+    """Per-group sums of squares (fp32) of every family, squaring each distinct tensor once (families on
+    the same weight — filter, channel, shape, kernel2d — share the squares)."""
     squares: dict[int, Tensor] = {}
     out = []
     for g in groups:
@@ -148,12 +148,12 @@ def family_norms(groups: Sequence[Group]) -> list[Tensor]:
         for m in g.members:
             sq = squares.get(id(m.param))
             if sq is None:
-                p = m.param.detach()
-                sq = squares[id(m.param)] = (p.float() * p.float()) if p.dtype != torch.float32 else p * p
+                p = m.param.detach().float()
+                sq = squares[id(m.param)] = p * p
             part = m.reduce_sq(sq)
             total = part if total is None else total + part.to(total.device)
         assert total is not None
-        out.append(total.sqrt())
+        out.append(total)
     return out
 
 
@@ -384,6 +384,14 @@ def build_groups(
     if "depth" in lambdas:
         groups += _depth_groups(model, selected, lambdas["depth"], layer_lambdas, depth_blocks, analysis)
 
+    built = {g.kind for g in groups}
+    for kind, lam in lambdas.items():
+        if kind not in built and lam > 0:
+            raise ValueError(
+                f"lambdas: group type {kind!r} produced no groups: its only candidate layers "
+                f"({', '.join(sorted(terminal & set(selected)))}) produce the model's outputs, whose filters / "
+                "neurons cannot be removed; select other layers or drop the type"
+            )
     if scale_by_group_size:  # the standard group-lasso weighting λ·sqrt(|g|)·‖w_g‖
         for g in groups:
             g.lam *= math.sqrt(g.group_size)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ssl_lightning.groups import Group, family_norms
+from ssl_lightning.groups import Group, family_sq_sums
 
 __all__ = [
     "add_group_lasso_grad_",
@@ -36,13 +36,20 @@ def _checked_norms(group: Group) -> Tensor:
     return norms
 
 
-def _all_norms(groups: Sequence[Group]) -> list[Tensor]:
-    """Norms of every family, with one finiteness check (one host sync) for all of them."""
-    norms = family_norms(groups)
-    if norms and not bool(torch.isfinite(torch.cat([n.reshape(-1).to(norms[0].device) for n in norms])).all()):
+def _flat_norms(groups: Sequence[Group]) -> tuple[Tensor, list[int]]:
+    """Norms of every family concatenated into one fp32 vector (so the per-group arithmetic of all
+    families is a handful of vector ops), with one finiteness check for all of them."""
+    sizes = [g.num_groups for g in groups]
+    flat = torch.cat([n.to(groups[0].members[0].param.device) for n in family_sq_sums(groups)]).sqrt_()
+    if not bool(torch.isfinite(flat).all()):
         for g in groups:
             _checked_norms(g)  # raises, naming the first bad family
-    return norms
+    return flat, sizes
+
+
+def _per_family(values: Sequence[float], sizes: list[int], like: Tensor) -> Tensor:
+    """Expand one scalar per family to one value per group, aligned with :func:`_flat_norms`."""
+    return torch.repeat_interleave(torch.tensor(values, dtype=like.dtype), torch.tensor(sizes)).to(like.device)
 
 
 def _inverse(norms: Tensor) -> Tensor:
@@ -65,16 +72,20 @@ def add_group_lasso_grad_(groups: Sequence[Group], scale: float = 1.0) -> None:
     per-step term, not per micro-batch.
     """
     active = [g for g in groups if g.lam * scale != 0]
-    for g, norms in zip(active, _all_norms(active), strict=True):
-        inv = _inverse(norms) * (g.lam * scale)
+    if not active:
+        return
+    flat, sizes = _flat_norms(active)
+    inv_all = _inverse(flat).mul_(_per_family([g.lam * scale for g in active], sizes, flat))
+    for g, inv in zip(active, inv_all.split(sizes), strict=True):
         for m in g.members:
             grad = m.param.grad
             if grad is None:
                 continue
-            step = m.view(m.param.detach()).float() * m.per_group(inv.to(grad.device))
+            w = m.view(m.param.detach())
+            f = m.per_group(inv.to(device=grad.device, dtype=grad.dtype))
 
-            def add(v: Tensor, step: Tensor = step) -> None:
-                v.add_(step.to(v.dtype))
+            def add(v: Tensor, w: Tensor = w, f: Tensor = f) -> None:
+                v.addcmul_(w.to(v.dtype), f)  # grad += w · λ/‖w_g‖
 
             m.update_(grad, add)
 
@@ -86,17 +97,23 @@ def proximal_step_(groups: Sequence[Group], scale: float, lr_of: Callable[[Tenso
     optimizer used for ``param``; a coupled family uses the rate of its first member.
     """
     active = [g for g in groups if g.lam * scale != 0]
+    if not active:
+        return
     with torch.no_grad():
-        for g, norms in zip(active, _all_norms(active), strict=True):
-            t = lr_of(g.members[0].param) * g.lam * scale
-            factor = (1 - t / norms).clamp_(min=0)  # t > 0, so zero norms give -inf -> 0
+        flat, sizes = _flat_norms(active)
+        t = _per_family([lr_of(g.members[0].param) * g.lam * scale for g in active], sizes, flat)
+        # max(0, 1 - t/‖w‖); t > 0, so zero norms give -inf -> 0
+        factors = torch.div(t, flat).neg_().add_(1).clamp_(min=0).split(sizes)
+        for g, factor in zip(active, factors, strict=True):
             for m in g.members:
-                f = m.per_group(factor.to(m.param.device))
+                f = m.per_group(factor if factor.device == m.param.device else factor.to(m.param.device))
+                if m.param.dtype != f.dtype:
+                    f = f.to(m.param.dtype)
 
                 def shrink(v: Tensor, f: Tensor = f) -> None:
-                    v.mul_(f.to(v.dtype))
+                    v.mul_(f)
 
-                m.update_(m.param.data, shrink)
+                m.update_(m.param, shrink)  # in no_grad: edits the parameter in place
 
 
 def zero_small_(params: Iterable[Tensor], threshold: float) -> None:

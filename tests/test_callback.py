@@ -220,3 +220,28 @@ def test_bf16_autocast_and_gradient_accumulation(tmp_path: Path, method: str) ->
     assert w.flatten(1).norm(dim=1).sum() < 0.8 * w0.flatten(1).norm(dim=1).sum()
     if method == "proximal":
         assert int((w.flatten(1).abs().sum(1) == 0).sum()) > 0
+
+
+def test_parameters_outside_every_optimizer_are_an_error(tmp_path: Path) -> None:
+    class Frozen(Module):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.fc2.parameters(), lr=0.1)
+
+    cb = StructuredSparsity({"filter": 1e-3})
+    with pytest.raises(
+        ValueError, match=r"net.conv1.weight, net.conv2.weight are regularized but no optimizer updates them"
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(Frozen(), loader())
+
+
+def test_step_clock_prunes_at_the_given_optimizer_step(tmp_path: Path) -> None:
+    cb = StructuredSparsity({"shape": 0.05}, unit="step", phases={"ssl": [0, 5], "finetune": [5, None]})
+    pruned_at: list[int] = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if cb._pruned and not pruned_at:
+                pruned_at.append(trainer.global_step)
+
+    trainer(tmp_path, max_steps=8, callbacks=[cb, Probe()]).fit(Module(), loader())
+    assert pruned_at == [6]  # pruned at the start of step 5 (0-based), seen after it completes

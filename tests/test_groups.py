@@ -59,8 +59,8 @@ def test_conv_group_norms_match_brute_force(groups, per_group_out, per_group_in,
 
 
 def test_terminal_layer_gets_no_filter_groups() -> None:
-    groups = build_groups(nn.Sequential(nn.Conv2d(2, 4, 3)), {"filter": 1.0, "shape": 1.0})
-    assert [g.kind for g in groups] == ["shape"]
+    groups = build_groups(nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 3, 1)), {"filter": 1.0, "shape": 1.0})
+    assert sorted((g.modules[0], g.kind) for g in groups) == [("0", "filter"), ("0", "shape"), ("1", "shape")]
 
 
 @settings(max_examples=20, deadline=None)
@@ -201,3 +201,8 @@ def test_untraceable_model_with_coupling_raises_clear_error() -> None:
         build_groups(Dynamic(), {"filter": 1.0}, couple=True)
     groups = build_groups(Dynamic(), {"filter": 1.0, "neuron_in": 1.0})  # uncoupled still works
     assert {g.name for g in groups} == {"conv:filter", "fc:neuron_in"}
+
+
+def test_type_with_only_output_layers_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"group type 'filter' produced no groups: its only candidate layers \(0\)"):
+        build_groups(nn.Sequential(nn.Conv2d(2, 4, 3)), {"filter": 1.0})
