@@ -66,6 +66,13 @@ std::tuple<at::Tensor, at::Tensor> lowered_nonzero_cpu(const at::Tensor& weight,
 
 TORCH_LIBRARY(ssl_lightning, m) {
   m.def("lowered_nonzero(Tensor weight, int groups) -> (Tensor rows, Tensor cols)");
+  // Convolution with a compacted lowered weight: per conv group g, rows row_idx[row_ptr[g]:row_ptr[g+1]]
+  // (output channels) and columns col_idx[col_ptr[g]:col_ptr[g+1]] (c*KH*KW + kh*KW + kw within the
+  // group) are kept; weight packs each group's rows x cols block row-major, groups in order.
+  m.def(
+      "compact_conv2d(Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int out_channels, bool compact_output) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {

@@ -6,12 +6,23 @@ else the reference) and ``x_reference`` (pure torch, the test oracle).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ssl_lightning._ext import has_compiled_ops, has_cuda_kernels
 
-__all__ = ["lowered_nonzero", "lowered_nonzero_reference"]
+__all__ = [
+    "compact_conv2d",
+    "compact_conv2d_reference",
+    "expand_compact_weight",
+    "lowered_nonzero",
+    "lowered_nonzero_reference",
+    "pack_compact_weight",
+]
 
 
 def _check_lowered_args(weight: Tensor, groups: int) -> None:
@@ -50,3 +61,155 @@ if has_compiled_ops():
             weight.new_empty((n,), dtype=torch.bool),
             weight.new_empty((groups, cols), dtype=torch.bool),
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compact_conv2d: convolution with only the kept GEMM rows (filters) and columns ((c, kh, kw) fibers) of
+# each conv group. Index layout (all int64, CPU or the input's device):
+#   row_idx[row_ptr[g]:row_ptr[g+1]]  kept output channels of group g (global ids, inside group g's filters)
+#   col_idx[col_ptr[g]:col_ptr[g+1]]  kept columns of group g, c_local*KH*KW + kh*KW + kw
+#   weight: 1-D, group g's rows x cols block row-major, groups in order.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _groups_blocks(row_ptr: Tensor, col_ptr: Tensor) -> list[tuple[int, int, int, int, int]]:
+    """Per group: (row start, rows, col start, cols, weight offset)."""
+    rp, cp = row_ptr.tolist(), col_ptr.tolist()
+    out, off = [], 0
+    for g in range(len(rp) - 1):
+        r, k = rp[g + 1] - rp[g], cp[g + 1] - cp[g]
+        out.append((rp[g], r, cp[g], k, off))
+        off += r * k
+    return out
+
+
+def expand_compact_weight(
+    weight: Tensor,
+    row_idx: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    col_ptr: Tensor,
+    out_channels: int,
+    in_per_group: int,
+    kernel_size: Sequence[int],
+) -> Tensor:
+    """The dense ``out_channels x in_per_group x KH x KW`` weight (zeros where removed); differentiable."""
+    kh, kw = kernel_size
+    dense = weight.new_zeros(out_channels, in_per_group * kh * kw)
+    for r0, r, c0, k, off in _groups_blocks(row_ptr, col_ptr):
+        if r and k:
+            rows = row_idx[r0 : r0 + r].to(weight.device)
+            cols = col_idx[c0 : c0 + k].to(weight.device)
+            dense = dense.index_put((rows[:, None], cols[None, :]), weight[off : off + r * k].view(r, k))
+    return dense.view(out_channels, in_per_group, kh, kw)
+
+
+def pack_compact_weight(dense: Tensor, row_idx: Tensor, row_ptr: Tensor, col_idx: Tensor, col_ptr: Tensor) -> Tensor:
+    """Gather the kept rows x columns blocks of a dense conv weight into the packed 1-D layout."""
+    flat = dense.reshape(dense.shape[0], -1)
+    parts = [flat.new_zeros(0)]
+    for r0, r, c0, k, _ in _groups_blocks(row_ptr, col_ptr):
+        if r and k:
+            rows = row_idx[r0 : r0 + r].to(dense.device)
+            cols = col_idx[c0 : c0 + k].to(dense.device)
+            parts.append(flat[rows[:, None], cols[None, :]].reshape(-1))
+    return torch.cat(parts)
+
+
+def _out_hw(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def compact_conv2d_reference(
+    input: Tensor,
+    weight: Tensor,
+    row_idx: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    col_ptr: Tensor,
+    bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_channels: int,
+    compact_output: bool,
+) -> Tensor:
+    """Reference twin: rebuild the dense weight and run ``F.conv2d``; compact output keeps ``row_idx`` rows."""
+    dense = expand_compact_weight(
+        weight, row_idx, row_ptr, col_idx, col_ptr, out_channels, input.shape[1] // groups, kernel_size
+    )
+    out = F.conv2d(input, dense, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return out.index_select(1, row_idx.to(out.device)) if compact_output else out
+
+
+def compact_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    row_idx: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    col_ptr: Tensor,
+    bias: Tensor | None,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    out_channels: int | None = None,
+    compact_output: bool = False,
+) -> Tensor:
+    """Fused compacted convolution (see the layout above). ``out_channels`` defaults to max(row_idx)+1.
+
+    Output: ``N x out_channels x Ho x Wo`` (removed filters output their bias: a drop-in for the dense
+    conv) or, with ``compact_output``, ``N x len(row_idx) x Ho x Wo`` for chaining compacted layers.
+    Differentiable in ``input``, ``weight`` and ``bias``.
+    """
+    if out_channels is None:
+        out_channels = int(row_idx.max()) + 1 if row_idx.numel() else 0
+    args = (
+        input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, list(kernel_size), list(stride), list(padding),
+        list(dilation), groups, out_channels, compact_output,
+    )  # fmt: skip
+    if has_compiled_ops() and input.device.type == "cpu":
+        return torch.ops.ssl_lightning.compact_conv2d(*args)
+    return compact_conv2d_reference(*args)
+
+
+if has_compiled_ops():
+
+    @torch.library.register_fake("ssl_lightning::compact_conv2d")
+    def _compact_conv2d_fake(  # type: ignore[no-untyped-def]
+        input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride, padding, dilation, groups,
+        out_channels, compact_output,
+    ):  # fmt: skip
+        ho, wo = _out_hw(input.shape[2], input.shape[3], kernel_size, stride, padding, dilation)
+        rows = row_idx.shape[0] if compact_output else out_channels
+        return input.new_empty((input.shape[0], rows, ho, wo))
+
+    def _compact_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        (inp, weight, row_idx, row_ptr, col_idx, col_ptr, bias, ks, st, pd, dl, groups, oc, compact) = inputs
+        ctx.save_for_backward(inp, weight, row_idx, row_ptr, col_idx, col_ptr)
+        ctx.conf = (bias is not None, list(ks), list(st), list(pd), list(dl), groups, oc, compact)
+
+    def _compact_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        inp, weight, row_idx, row_ptr, col_idx, col_ptr = ctx.saved_tensors
+        has_bias, ks, st, pd, dl, groups, oc, compact = ctx.conf
+        dense = expand_compact_weight(weight, row_idx, row_ptr, col_idx, col_ptr, oc, inp.shape[1] // groups, ks)
+        if compact:  # removed rows receive no gradient
+            full = grad_out.new_zeros(grad_out.shape[0], oc, *grad_out.shape[2:])
+            grad_out = full.index_copy(1, row_idx.to(full.device), grad_out)
+        grad_in = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_in = conv2d_input(inp.shape, dense, grad_out, st, pd, dl, groups)
+        if ctx.needs_input_grad[1]:
+            dense_grad = conv2d_weight(inp, dense.shape, grad_out, st, pd, dl, groups)
+            grad_w = pack_compact_weight(dense_grad, row_idx, row_ptr, col_idx, col_ptr)
+        if has_bias and ctx.needs_input_grad[6]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_in, grad_w, None, None, None, None, grad_b, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("ssl_lightning::compact_conv2d", _compact_backward, setup_context=_compact_setup)

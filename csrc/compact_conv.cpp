@@ -1,0 +1,218 @@
+// CPU kernel of ssl_lightning::compact_conv2d: a convolution whose lowered weight keeps only some GEMM
+// rows (filters) and some GEMM columns (filter-shape fibers (c, kh, kw)) per conv group.
+//
+// For each image and conv group g:  out[R_g, P] = W_g[R_g, K_g] @ L_g[K_g, P], where L_g holds only the
+// kept columns of the im2col matrix. L_g is built tile by tile (a few output rows at a time, so the panel
+// stays in L2) straight from the input, and each tile goes through one BLAS GEMM: no full im2col, no
+// separate concatenation pass. The schema lives in ops.cpp (the single TORCH_LIBRARY block).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace ssl_lightning {
+namespace {
+
+constexpr int64_t kPanelBytes = 2048 * 1024;  // lowered panel per tile (BLAS repacks it in cache-sized blocks)
+
+struct Geometry {
+  int64_t n, c, h, w, groups, cg, out_channels, og, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+};
+
+// Lower the kept columns cols[0..k) of image `x` (C x H x W) for output rows [oh0, oh1) into
+// dst (k x (oh1-oh0)*wo), one kept column per row of dst; out-of-bounds taps read zero padding.
+template <typename scalar_t>
+void lower_tile(const scalar_t* x, const int64_t* cols, int64_t k, int64_t group, int64_t oh0, int64_t oh1,
+                const Geometry& G, scalar_t* dst, bool parallel) {
+  const int64_t pt = (oh1 - oh0) * G.wo;
+  auto body = [&](int64_t k0, int64_t k1) {
+    for (int64_t i = k0; i < k1; ++i) {
+      const int64_t col = cols[i];
+      const int64_t ci = col / (G.kh * G.kw), rem = col % (G.kh * G.kw);
+      const int64_t ki = rem / G.kw, kj = rem % G.kw;
+      const scalar_t* plane = x + (group * G.cg + ci) * G.h * G.w;
+      scalar_t* row = dst + i * pt;
+      const int64_t iw0 = kj * G.dw - G.pw;
+      // ow range whose input column lies inside [0, w)
+      int64_t lo = iw0 >= 0 ? 0 : (-iw0 + G.sw - 1) / G.sw;
+      int64_t hi = iw0 >= G.w ? 0 : (G.w - 1 - iw0) / G.sw + 1;
+      lo = std::min(lo, G.wo);
+      hi = std::max(lo, std::min(hi, G.wo));
+      for (int64_t oh = oh0; oh < oh1; ++oh, row += G.wo) {
+        const int64_t ih = oh * G.sh - G.ph + ki * G.dh;
+        if (ih < 0 || ih >= G.h) {
+          std::fill(row, row + G.wo, scalar_t(0));
+          continue;
+        }
+        const scalar_t* src = plane + ih * G.w + iw0;
+        std::fill(row, row + lo, scalar_t(0));
+        if (G.sw == 1) {
+          std::memcpy(row + lo, src + lo, (hi - lo) * sizeof(scalar_t));
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) row[ow] = src[ow * G.sw];
+        }
+        std::fill(row + hi, row + G.wo, scalar_t(0));
+      }
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, k, 16, body);
+  } else {
+    body(0, k);
+  }
+}
+
+void check_index_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(),
+              "compact_conv2d: ", name, " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(),
+              " on ", t.device());
+}
+
+}  // namespace
+
+at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
+                              const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups, int64_t out_channels, bool compact_output) {
+  TORCH_CHECK(input.dim() == 4, "compact_conv2d: input must be N x C x H x W, got ", input.dim(), " dims");
+  TORCH_CHECK(input.is_floating_point(), "compact_conv2d: input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "compact_conv2d: weight dtype ", weight.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.dim() == 1, "compact_conv2d: weight must be the packed 1-D compact weight, got ", weight.dim(),
+              " dims");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "compact_conv2d: kernel_size, stride, padding and dilation must have 2 values each");
+  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0,
+              "compact_conv2d: groups (", groups, ") must divide the input channels (", input.size(1),
+              ") and out_channels (", out_channels, ")");
+  check_index_tensor(row_idx, "row_idx");
+  check_index_tensor(row_ptr, "row_ptr");
+  check_index_tensor(col_idx, "col_idx");
+  check_index_tensor(col_ptr, "col_ptr");
+  TORCH_CHECK(row_ptr.numel() == groups + 1 && col_ptr.numel() == groups + 1,
+              "compact_conv2d: row_ptr and col_ptr need groups + 1 = ", groups + 1, " entries, got ", row_ptr.numel(),
+              " and ", col_ptr.numel());
+  Geometry G{};
+  G.n = input.size(0), G.c = input.size(1), G.h = input.size(2), G.w = input.size(3);
+  G.groups = groups, G.cg = G.c / groups, G.out_channels = out_channels, G.og = out_channels / groups;
+  G.kh = kernel_size[0], G.kw = kernel_size[1], G.sh = stride[0], G.sw = stride[1];
+  G.ph = padding[0], G.pw = padding[1], G.dh = dilation[0], G.dw = dilation[1];
+  TORCH_CHECK(G.kh > 0 && G.kw > 0 && G.sh > 0 && G.sw > 0 && G.dh > 0 && G.dw > 0 && G.ph >= 0 && G.pw >= 0,
+              "compact_conv2d: kernel_size, stride and dilation must be positive and padding non-negative");
+  G.ho = (G.h + 2 * G.ph - G.dh * (G.kh - 1) - 1) / G.sh + 1;
+  G.wo = (G.w + 2 * G.pw - G.dw * (G.kw - 1) - 1) / G.sw + 1;
+  TORCH_CHECK(G.ho > 0 && G.wo > 0, "compact_conv2d: input ", input.sizes(), " is smaller than the dilated kernel");
+
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cpp = col_ptr.const_data_ptr<int64_t>();
+  const int64_t* ri = row_idx.const_data_ptr<int64_t>();
+  const int64_t* ci = col_idx.const_data_ptr<int64_t>();
+  const int64_t k_total = G.cg * G.kh * G.kw;
+  int64_t w_expected = 0;
+  TORCH_CHECK(rp[0] == 0 && cpp[0] == 0, "compact_conv2d: row_ptr and col_ptr must start at 0");
+  for (int64_t g = 0; g < groups; ++g) {
+    TORCH_CHECK(rp[g + 1] >= rp[g] && cpp[g + 1] >= cpp[g], "compact_conv2d: row_ptr and col_ptr must be non-decreasing");
+    w_expected += (rp[g + 1] - rp[g]) * (cpp[g + 1] - cpp[g]);
+  }
+  TORCH_CHECK(rp[groups] == row_idx.numel() && cpp[groups] == col_idx.numel(),
+              "compact_conv2d: row_ptr/col_ptr end (", rp[groups], ", ", cpp[groups],
+              ") must equal the number of kept rows/columns (", row_idx.numel(), ", ", col_idx.numel(), ")");
+  TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
+              " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t r = rp[g]; r < rp[g + 1]; ++r)
+      TORCH_CHECK(ri[r] >= g * G.og && ri[r] < (g + 1) * G.og, "compact_conv2d: row index ", ri[r], " of group ", g,
+                  " is outside its filters [", g * G.og, ", ", (g + 1) * G.og, ")");
+    for (int64_t k = cpp[g]; k < cpp[g + 1]; ++k)
+      TORCH_CHECK(ci[k] >= 0 && ci[k] < k_total, "compact_conv2d: column index ", ci[k],
+                  " is outside C/groups*KH*KW = ", k_total);
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_channels && bias->scalar_type() == input.scalar_type(),
+                "compact_conv2d: bias must be 1-D with out_channels = ", out_channels, " entries of dtype ",
+                input.scalar_type());
+  }
+
+  const at::Tensor x = input.contiguous();
+  const int64_t P = G.ho * G.wo;
+  const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
+  at::Tensor out;
+  if (compact_output) {
+    out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
+  } else if (bias.has_value()) {  // removed filters still produce their bias: the layer is a drop-in
+    out = bias->view({1, out_channels, 1, 1}).expand({G.n, out_channels, G.ho, G.wo}).contiguous();
+  } else {
+    out = at::zeros({G.n, out_channels, G.ho, G.wo}, input.options());
+  }
+  if (G.n == 0) return out;
+
+  // per-group offsets into the packed weight
+  std::vector<int64_t> woff(groups + 1, 0);
+  for (int64_t g = 0; g < groups; ++g) woff[g + 1] = woff[g] + (rp[g + 1] - rp[g]) * (cpp[g + 1] - cpp[g]);
+  const at::Tensor wc = weight.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d", [&] {
+    int64_t kmax = 0;  // most kept columns of any group: sizes the lowered panel
+    for (int64_t g = 0; g < groups; ++g) kmax = std::max(kmax, cpp[g + 1] - cpp[g]);
+    const int64_t tile_rows =
+        std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(1, kmax * G.wo * int64_t(sizeof(scalar_t))), 1, G.ho);
+    // Work items are (image, conv group) pairs. With at least as many items as threads, each item runs on
+    // one thread with a single-threaded GEMM; otherwise items run in turn with a parallel lowering and a
+    // multi-threaded GEMM.
+    const int64_t items = G.n * groups;
+    const bool per_item_tasks = items >= at::get_num_threads() && at::get_num_threads() > 1;
+    auto run_item = [&](int64_t item, bool inner_parallel, at::Tensor& panel) {
+      const int64_t n = item / groups, g = item % groups;
+      const int64_t r = rp[g + 1] - rp[g], k = cpp[g + 1] - cpp[g];
+      if (r == 0) return;
+      const scalar_t* xn = x.const_data_ptr<scalar_t>() + n * G.c * G.h * G.w;
+      at::Tensor out2d = out[n].view({out_rows, P});
+      at::Tensor bias_g;
+      if (bias.has_value()) bias_g = bias->index_select(0, row_idx.narrow(0, rp[g], r)).view({r, 1});
+      if (k == 0) {  // every column removed: the kept filters output their bias
+        if (compact_output) {
+          if (bias.has_value()) out2d.narrow(0, rp[g], r).copy_(bias_g.expand({r, P}));
+          else out2d.narrow(0, rp[g], r).zero_();
+        }
+        return;
+      }
+      const at::Tensor wg = wc.narrow(0, woff[g], r * k).view({r, k});
+      for (int64_t oh0 = 0; oh0 < G.ho; oh0 += tile_rows) {
+        const int64_t oh1 = std::min(G.ho, oh0 + tile_rows), pt = (oh1 - oh0) * G.wo;
+        lower_tile<scalar_t>(xn, ci + cpp[g], k, g, oh0, oh1, G, panel.mutable_data_ptr<scalar_t>(), inner_parallel);
+        const at::Tensor lowered = panel.narrow(0, 0, k * pt).view({k, pt});
+        if (compact_output) {
+          at::Tensor dst = out2d.narrow(0, rp[g], r).narrow(1, oh0 * G.wo, pt);
+          if (bias.has_value()) at::addmm_out(dst, bias_g.expand({r, pt}), wg, lowered);
+          else at::mm_out(dst, wg, lowered);
+        } else {  // GEMM into a compact block, then scatter its rows to their output channels
+          const at::Tensor tmp = bias.has_value() ? at::addmm(bias_g, wg, lowered) : at::mm(wg, lowered);
+          const scalar_t* src = tmp.const_data_ptr<scalar_t>();
+          scalar_t* base = out2d.mutable_data_ptr<scalar_t>() + oh0 * G.wo;
+          for (int64_t i = 0; i < r; ++i) std::memcpy(base + ri[rp[g] + i] * P, src + i * pt, pt * sizeof(scalar_t));
+        }
+      }
+    };
+    const int64_t panel_elems = std::max<int64_t>(1, kmax * tile_rows * G.wo);
+    if (per_item_tasks) {
+      at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        at::Tensor panel = at::empty({panel_elems}, x.options());
+        for (int64_t i = i0; i < i1; ++i) run_item(i, false, panel);
+      });
+    } else {
+      at::Tensor panel = at::empty({panel_elems}, x.options());
+      for (int64_t i = 0; i < items; ++i) run_item(i, true, panel);
+    }
+  });
+  return out;
+}
+
+}  // namespace ssl_lightning
+
+TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {
+  m.impl("compact_conv2d", &ssl_lightning::compact_conv2d_cpu);
+}
