@@ -11,6 +11,7 @@ from ssl_lightning import ops
 from ssl_lightning._ext import has_compiled_ops
 
 from .conftest import requires_cuda_kernels
+from .test_compact_conv import opcheck_samples
 
 compiled = pytest.mark.skipif(not has_compiled_ops(), reason="ssl_lightning._C not built")
 
@@ -38,7 +39,8 @@ def test_opcheck_every_registered_op() -> None:
             (random_sparse_weight(4, 3, 3, 2, 0), 2),
             (random_sparse_weight(5, 2, 1, 1, 1, torch.float64), 1),
             (random_sparse_weight(2, 4, 3, 3, 2, torch.bfloat16), 3),
-        ]
+        ],
+        "compact_conv2d": opcheck_samples(),
     }
     assert set(names) <= set(samples), f"ops without opcheck samples: {set(names) - set(samples)}"
     for name, cases in samples.items():

@@ -1,0 +1,239 @@
+"""compact_conv2d: equals F.conv2d on the masked dense weight over a randomized sweep; gradients; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssl_lightning import ops
+from ssl_lightning._ext import has_compiled_ops
+
+compiled = pytest.mark.skipif(not has_compiled_ops(), reason="ssl_lightning._C not built")
+
+
+def layout(
+    out_channels: int, cg: int, kh: int, kw: int, groups: int, keep_rows: float, keep_cols: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random kept rows / columns per conv group (fractions rounded; 0 and 1 allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    og, k = out_channels // groups, cg * kh * kw
+    rows, cols, rp, cp = [], [], [0], [0]
+    for gi in range(groups):
+        r = torch.randperm(og, generator=g)[: round(og * keep_rows)].sort().values + gi * og
+        c = torch.randperm(k, generator=g)[: round(k * keep_cols)].sort().values
+        rows.append(r), cols.append(c)
+        rp.append(rp[-1] + len(r)), cp.append(cp[-1] + len(c))
+    return torch.cat(rows).long(), torch.tensor(rp), torch.cat(cols).long(), torch.tensor(cp)
+
+
+def case(seed: int = 0, n: int = 2, groups: int = 2, dtype: torch.dtype = torch.float32, keep=(0.6, 0.5), bias=True):
+    g = torch.Generator().manual_seed(seed)
+    c, o, k = 4 * groups, 6 * groups, 3
+    x = torch.randn(n, c, 9, 8, generator=g, dtype=dtype)
+    w = torch.randn(o, c // groups, k, k, generator=g, dtype=dtype)
+    b = torch.randn(o, generator=g, dtype=dtype) if bias else None
+    ri, rp, ci, cp = layout(o, c // groups, k, k, groups, *keep, seed)
+    wc = ops.pack_compact_weight(w, ri, rp, ci, cp)
+    return x, wc, ri, rp, ci, cp, b, [k, k], [2, 1], [1, 2], [1, 1], groups, o
+
+
+def opcheck_samples() -> list[tuple]:
+    return [
+        (*case(0), False),
+        (*case(1, n=1, groups=1, bias=False), True),
+        (*case(2, dtype=torch.float64, keep=(1.0, 0.0)), False),
+        (*case(3, n=3, groups=3, keep=(0.5, 1.0)), True),
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    cg=st.integers(1, 4),
+    og=st.integers(1, 4),
+    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 5)]),
+    stride=st.sampled_from([(1, 1), (2, 2), (3, 1)]),
+    padding=st.sampled_from([(0, 0), (1, 1), (2, 0)]),
+    dilation=st.sampled_from([(1, 1), (2, 1)]),
+    keep_rows=st.sampled_from([0.0, 0.4, 1.0]),
+    keep_cols=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    compact_output=st.booleans(),
+    with_bias=st.booleans(),
+    layout_kind=st.sampled_from(["contiguous", "channels_last", "sliced"]),
+    seed=st.integers(0, 1000),
+)
+def test_matches_dense_conv_on_masked_weight(
+    n,
+    groups,
+    cg,
+    og,
+    kernel,
+    stride,
+    padding,
+    dilation,
+    keep_rows,
+    keep_cols,
+    compact_output,
+    with_bias,
+    layout_kind,
+    seed,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    c, o = cg * groups, og * groups
+    h, w = 11, 10
+    x = torch.randn(n, c, h + 3, w, generator=gen)
+    if layout_kind == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x[:, :, 2 : 2 + h] if layout_kind == "sliced" else x[:, :, :h]  # non-contiguous either way but "contiguous"
+    if layout_kind == "contiguous":
+        x = x.contiguous()
+    dense = torch.randn(o, cg, *kernel, generator=gen)
+    bias = torch.randn(o, generator=gen) if with_bias else None
+    ri, rp, ci, cp = layout(o, cg, *kernel, groups, keep_rows, keep_cols, seed)
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, o, cg, kernel)
+    expected = F.conv2d(x, masked, bias, stride, padding, dilation, groups)
+    if compact_output:
+        expected = expected[:, ri]
+    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output)
+    assert got.shape == expected.shape
+    if expected.numel():
+        scale = expected.abs().max().clamp(min=1.0)
+        assert (got - expected).abs().max() / scale <= 1e-5
+
+
+def test_masked_weight_is_the_dense_weight_with_zeros() -> None:
+    w = torch.randn(4, 2, 3, 3)
+    ri, rp, ci, cp = torch.tensor([0, 2, 3]), torch.tensor([0, 3]), torch.tensor([1, 5, 17]), torch.tensor([0, 3])
+    masked = ops.expand_compact_weight(ops.pack_compact_weight(w, ri, rp, ci, cp), ri, rp, ci, cp, 4, 2, (3, 3))
+    keep = torch.zeros(4, 18, dtype=torch.bool)
+    keep[torch.tensor([0, 2, 3])[:, None], torch.tensor([1, 5, 17])[None, :]] = True
+    assert torch.equal(masked.view(4, 18), torch.where(keep, w.view(4, 18), torch.zeros(())))
+
+
+@compiled
+def test_opcheck() -> None:
+    for args in opcheck_samples():
+        torch.library.opcheck(torch.ops.ssl_lightning.compact_conv2d.default, args)
+
+
+@pytest.mark.parametrize("compact_output", [False, True])
+def test_gradcheck_float64(compact_output: bool) -> None:
+    x, wc, ri, rp, ci, cp, b, *rest = case(4, n=2, groups=2, dtype=torch.float64)
+    x, wc, b = (t.clone().requires_grad_() for t in (x, wc, b))
+
+    def f(x, wc, b):  # type: ignore[no-untyped-def]
+        return ops.compact_conv2d(x, wc, ri, rp, ci, cp, b, *rest, compact_output)
+
+    assert torch.autograd.gradcheck(f, (x, wc, b), eps=1e-6, atol=1e-6)
+
+
+def test_backward_matches_reference_autograd() -> None:
+    x, wc, ri, rp, ci, cp, b, *rest = case(5, n=2, groups=2)
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, wc, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, wc, b))
+    ops.compact_conv2d(x1, w1, ri, rp, ci, cp, b1, *rest, True).square().sum().backward()
+    ops.compact_conv2d_reference(x2, w2, ri, rp, ci, cp, b2, *rest, True).square().sum().backward()
+    for a, r in ((x1, x2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-5)
+
+
+@compiled
+def test_under_torch_compile() -> None:
+    args = case(6)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ssl_lightning.compact_conv2d(x, *args[1:], False).relu()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(args[0]), f(args[0]))
+
+
+def test_fallback_without_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = case(7)
+    fast = ops.compact_conv2d(*args, False)
+    monkeypatch.setattr(ops, "has_compiled_ops", lambda: False)
+    torch.testing.assert_close(ops.compact_conv2d(*args, False), fast, rtol=1e-5, atol=1e-5)
+
+
+def _bad(**change):  # type: ignore[no-untyped-def]
+    x, wc, ri, rp, ci, cp, b, ks, st_, pd, dl, groups, o = case(8)
+    args = dict(
+        input=x, weight=wc, row_idx=ri, row_ptr=rp, col_idx=ci, col_ptr=cp, bias=b, kernel_size=ks, stride=st_,
+        padding=pd, dilation=dl, groups=groups, out_channels=o, compact_output=False,
+    )  # fmt: skip
+    args.update(change)
+    return list(args.values())
+
+
+@compiled
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"input": torch.ones(2, 8, 9, 8, dtype=torch.int64)}, r"input must be floating point, got Long"),
+        ({"input": torch.ones(8, 9, 8)}, r"input must be N x C x H x W, got 3 dims"),
+        ({"weight": torch.ones(5)}, r"weight has 5 elements but the index lists need"),
+        ({"weight": torch.ones(5, dtype=torch.float64)}, r"weight dtype Double differs from input dtype Float"),
+        (
+            {
+                "col_idx": torch.tensor(
+                    [
+                        0,
+                        1,
+                        99,
+                        3,
+                        4,
+                        5,
+                        6,
+                        7,
+                        8,
+                        9,
+                        10,
+                        11,
+                        12,
+                        13,
+                        14,
+                        15,
+                        16,
+                        17,
+                        18,
+                        19,
+                        20,
+                        21,
+                        22,
+                        23,
+                        24,
+                        25,
+                        26,
+                        27,
+                        28,
+                        29,
+                        30,
+                        31,
+                        32,
+                        33,
+                        34,
+                        35,
+                    ]
+                )
+            },
+            r"column index 99 is outside C/groups\*KH\*KW = 36",
+        ),
+        (
+            {"row_idx": torch.tensor([0, 1, 2, 11, 6, 7, 8, 9])},
+            r"row index 11 of group 0 is outside its filters \[0, 6\)",
+        ),
+        ({"row_ptr": torch.tensor([0, 7])}, r"row_ptr and col_ptr need groups \+ 1 = 3 entries, got 2 and 3"),
+        ({"groups": 3}, r"groups \(3\) must divide the input channels \(8\)"),
+        ({"bias": torch.ones(5)}, r"bias must be 1-D with out_channels = 12 entries"),
+        ({"row_idx": torch.tensor([0, 1, 2], dtype=torch.int32)}, r"row_idx must be a 1-D int64 CPU tensor"),
+        ({"input": torch.ones(2, 8, 1, 1), "padding": [0, 0]}, r"is smaller than the dilated kernel"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(change, match) -> None:
+    args = _bad(**change)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.ssl_lightning.compact_conv2d(*args)
