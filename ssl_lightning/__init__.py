@@ -6,12 +6,14 @@ and compiled ops in :mod:`ssl_lightning.ops`.
 """
 
 from ssl_lightning.callback import StructuredSparsity
+from ssl_lightning.compact_conv import CompactConv2d
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.report import SparsityReport, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
 
 __all__ = [
     "GROUP_TYPES",
+    "CompactConv2d",
     "Group",
     "Member",
     "PhaseSchedule",

@@ -1,0 +1,100 @@
+"""CompactConv2d.from_conv: equal to the source conv for every implementation; choice; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_lightning import CompactConv2d
+
+
+def sparse_conv(
+    cin: int, cout: int, k: int, groups: int = 1, seed: int = 0, rows: float = 0.3, cols: float = 0.5, **kw
+) -> nn.Conv2d:  # type: ignore[no-untyped-def]
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, groups=groups, **kw)
+    with torch.no_grad():
+        w = conv.weight
+        w[torch.rand(cout) < rows] = 0
+        bank = w.view(groups, cout // groups, -1)
+        bank[:, :, torch.rand(bank.shape[2]) < cols] = 0
+    return conv
+
+
+CONFIGS = [
+    dict(cin=6, cout=8, k=3, padding=1),
+    dict(cin=6, cout=8, k=3, groups=2, stride=2, padding=2, dilation=2),
+    dict(cin=4, cout=12, k=5, groups=4, padding=2, bias=False),
+    dict(cin=3, cout=16, k=1),
+    dict(cin=8, cout=8, k=3, groups=8, padding=1),  # depthwise
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("impl", ["fused", "rows", "dense", "auto"])
+@pytest.mark.parametrize("compact_output", [False, True])
+def test_forward_equals_source_conv(cfg, impl, compact_output) -> None:
+    conv = sparse_conv(**cfg)
+    x = torch.randn(2, cfg["cin"], 11, 9)
+    mod = CompactConv2d.from_conv(conv, impl=impl, compact_output=compact_output)
+    expected = conv(x)
+    if compact_output:
+        keep = conv.weight.detach().flatten(1).ne(0).any(1)
+        expected = expected[:, keep]
+    got = mod(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_keeps_only_kept_weights_and_trains() -> None:
+    conv = sparse_conv(16, 32, 3, padding=1, rows=0.5, cols=0.7)
+    mod = CompactConv2d.from_conv(conv, impl="fused")
+    kept = int(conv.weight.ne(0).any(dim=(1)).sum())  # nonzero (filter, tap) pairs bound the packed size
+    assert mod.weight.numel() < conv.weight.numel() and mod.weight.numel() >= kept
+    assert mod.weight.numel() == mod.row_idx.numel() * mod.col_idx.numel()
+    x = torch.randn(2, 16, 8, 8)
+    mod(x).square().mean().backward()
+    assert mod.weight.grad is not None and mod.weight.grad.abs().sum() > 0
+    assert "impl=fused" in repr(mod)
+
+
+def test_auto_without_measurement_follows_the_kept_fractions() -> None:
+    assert CompactConv2d.from_conv(sparse_conv(16, 32, 3, rows=0.0, cols=0.8)).impl == "fused"
+    assert CompactConv2d.from_conv(sparse_conv(16, 32, 3, rows=0.5, cols=0.0)).impl == "rows"
+    assert CompactConv2d.from_conv(sparse_conv(16, 32, 3, rows=0.0, cols=0.0)).impl == "dense"
+
+
+def test_auto_with_example_input_measures_and_stays_exact() -> None:
+    conv = sparse_conv(32, 64, 3, padding=1, rows=0.5, cols=0.8)
+    x = torch.randn(1, 32, 16, 16)
+    mod = CompactConv2d.from_conv(conv, example_input=x)
+    assert mod.impl in ("fused", "rows", "dense")
+    torch.testing.assert_close(mod(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_impl_rounds_filter_count_to_alignment() -> None:
+    conv = sparse_conv(8, 64, 3, rows=0.5, cols=0.0)
+    mod = CompactConv2d.from_conv(conv, impl="rows", align=16)
+    assert mod.weight.shape[0] % 16 == 0 and mod.weight.shape[0] < 64
+    assert int(mod.rows_real.sum()) == int(conv.weight.flatten(1).ne(0).any(1).sum())
+
+
+def test_padding_modes_the_fused_op_does_not_implement() -> None:
+    conv = sparse_conv(4, 8, 3, padding=1, padding_mode="reflect")
+    with pytest.warns(
+        UserWarning, match=r"padding_mode='reflect' is not implemented by the fused op; keeping the dense"
+    ):
+        mod = CompactConv2d.from_conv(conv)
+    assert mod.impl == "dense"
+    x = torch.randn(1, 4, 7, 7)
+    torch.testing.assert_close(mod(x), conv(x))
+    with pytest.raises(
+        ValueError,
+        match=r"impl='fused' supports zero padding given as numbers; this conv has padding=\(1, 1\), padding_mode='reflect'",
+    ):
+        CompactConv2d.from_conv(conv, impl="fused")
+    with pytest.raises(TypeError, match=r"needs an nn\.Conv2d, got Linear"):
+        CompactConv2d.from_conv(nn.Linear(3, 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'fused', 'rows', 'dense', got 'fast'"):
+        CompactConv2d.from_conv(conv, impl="fast")  # type: ignore[arg-type]
