@@ -137,15 +137,17 @@ class CompactConv2d(nn.Module):
             else:
                 kept_cols = float(cols.float().mean()) if cols.numel() else 1.0
                 impl = "fused" if kept_cols <= FUSED_MAX_KEPT_COLUMNS else "rows" if not rows.all() else "dense"
-        return cls(conv, rows, cols, impl, compact_output, align)  # type: ignore[arg-type]
+        return cls(conv, rows, cols, impl, compact_output, align)
 
     @classmethod
     def _fastest(cls, conv: nn.Conv2d, rows: Tensor, cols: Tensor, compact_output: bool, x: Tensor, align: int) -> Impl:
-        candidates: list[Impl] = ["dense", "rows"] + (["fused"] if not bool(cols.all()) else [])
-        if bool(rows.all()):
-            candidates.remove("rows")
+        candidates: list[Impl] = ["dense"]
+        if not bool(rows.all()):
+            candidates.append("rows")
+        if not bool(cols.all()):
+            candidates.append("fused")
         mods = {c: cls(conv, rows, cols, c, compact_output, align) for c in candidates}
-        best: dict[str, float] = {}
+        best: dict[Impl, float] = {}
         with torch.no_grad():
             for _ in range(3):  # interleaved rounds, keep each implementation's best
                 for name, mod in mods.items():
@@ -153,7 +155,7 @@ class CompactConv2d(nn.Module):
                     t0 = time.perf_counter()
                     mod(x)
                     best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-        return min(best, key=best.__getitem__)  # type: ignore[return-value]
+        return min(best, key=best.__getitem__)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "fused":
