@@ -101,11 +101,6 @@ def build(layer: Layer, gen: torch.Generator) -> tuple[nn.Conv2d, Tensor, Tensor
     return conv, torch.cat(rows), torch.tensor(rp), torch.cat(cols), torch.tensor(cp)
 
 
-def _infer(module: nn.Module, x: Tensor) -> Tensor:
-    with torch.inference_mode():  # how a compacted model runs at inference
-        return module(x)
-
-
 def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str, Callable[[], Tensor]], float, str]:
     conv, ri, rp, ci, cp = build(layer, gen)
     x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=gen)
@@ -116,11 +111,11 @@ def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str
     rows_w, rows_b = w[ri], b[ri]
     per_group = [(int(rp[i]), int(rp[i + 1]), int(cp[i]), int(cp[i + 1])) for i in range(g)]
     cg, og = layer.cin // g, layer.cout // g
-    module = CompactConv2d.from_conv(conv, example_input=x)
+    module = CompactConv2d.from_conv(conv, example_input=x).eval()
     fns: dict[str, Callable[[], Tensor]] = {
         "dense": lambda: F.conv2d(x, w, b, st, pd, 1, g),
         "fused": lambda: compact_conv2d(x, packed, ri, rp, ci, cp, b, ks, (st, st), (pd, pd), (1, 1), g, layer.cout),
-        "module": lambda: _infer(module, x),
+        "module": lambda: module(x),
     }
     if g == 1 or len({e - s for s, e, _, _ in per_group}) == 1:  # equal kept filters per group
         fns["rows"] = lambda: F.conv2d(x, rows_w, rows_b, st, pd, 1, g)
@@ -197,6 +192,7 @@ def main() -> None:
     p.add_argument("--no-paper-protocol", action="store_true", help="skip the GEMM-only table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    torch.inference_mode().__enter__()  # every column runs as inference does: no autograd bookkeeping
     lines = [
         f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer"

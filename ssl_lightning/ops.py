@@ -174,7 +174,7 @@ def compact_conv2d(
         input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, list(kernel_size), list(stride), list(padding),
         list(dilation), groups, out_channels, compact_output,
     )  # fmt: skip
-    if has_compiled_ops() and input.device.type == "cpu":
+    if has_compiled_ops() and (input.device.type == "cpu" or (input.is_cuda and has_cuda_kernels())):
         return torch.ops.ssl_lightning.compact_conv2d(*args)
     return compact_conv2d_reference(*args)
 

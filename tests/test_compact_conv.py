@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from ssl_lightning import ops
 from ssl_lightning._ext import has_compiled_ops
 
+from .conftest import requires_cuda_kernels
+
 compiled = pytest.mark.skipif(not has_compiled_ops(), reason="ssl_lightning._C not built")
 
 
@@ -237,3 +239,17 @@ def test_bad_arguments_raise_clear_errors(change, match) -> None:
     args = _bad(**change)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.ssl_lightning.compact_conv2d(*args)
+
+
+@requires_cuda_kernels()
+@pytest.mark.parametrize("compact_output", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_kernel_matches_reference(compact_output: bool, dtype: torch.dtype) -> None:
+    x, wc, ri, rp, ci, cp, b, *rest = case(9, n=3, groups=2, dtype=dtype)
+    expected = ops.compact_conv2d_reference(x, wc, ri, rp, ci, cp, b, *rest, compact_output)
+    dev = [t.cuda() for t in (x, wc, ri, rp, ci, cp, b)]
+    got = torch.ops.ssl_lightning.compact_conv2d(*dev, *rest, compact_output)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    x1 = dev[0].clone().requires_grad_()
+    torch.ops.ssl_lightning.compact_conv2d(x1, *dev[1:], *rest, compact_output).sum().backward()
+    assert x1.grad is not None and x1.grad.shape == x1.shape
