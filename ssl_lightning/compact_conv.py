@@ -167,11 +167,15 @@ class CompactConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "fused":
             if has_compiled_ops() and (x.device.type == "cpu" or (x.is_cuda and has_cuda_kernels())):  # hot path
-                return torch.ops.ssl_lightning.compact_conv2d(
+                args = (
                     x, self.weight, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr, self.bias,
                     self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.out_channels,
                     self.compact_output,
                 )  # fmt: skip
+                if torch.is_grad_enabled():
+                    return torch.ops.ssl_lightning.compact_conv2d(*args)
+                with torch._C._AutoDispatchBelowAutograd():  # inference: skip the Python autograd kernel
+                    return torch.ops.ssl_lightning.compact_conv2d(*args)
             return compact_conv2d(
                 x, self.weight, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr, self.bias, self.kernel_size,
                 self.stride, self.padding, self.dilation, self.groups, self.out_channels, self.compact_output,

@@ -98,3 +98,15 @@ def test_padding_modes_the_fused_op_does_not_implement() -> None:
         CompactConv2d.from_conv(nn.Linear(3, 3))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="impl must be one of 'auto', 'fused', 'rows', 'dense', got 'fast'"):
         CompactConv2d.from_conv(conv, impl="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_path_matches_and_training_path_has_grads(mode: str) -> None:
+    conv = sparse_conv(8, 16, 3, padding=1, rows=0.3, cols=0.7)
+    mod = CompactConv2d.from_conv(conv, impl="fused")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        y = mod(x)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, conv(x).detach(), rtol=1e-5, atol=1e-5)
+    assert mod(x).requires_grad
