@@ -183,6 +183,11 @@ def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float]:
 
 
 def main() -> None:
+    with torch.inference_mode():  # every column runs as inference does: no autograd bookkeeping
+        _main()
+
+
+def _main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -192,7 +197,6 @@ def main() -> None:
     p.add_argument("--no-paper-protocol", action="store_true", help="skip the GEMM-only table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.inference_mode().__enter__()  # every column runs as inference does: no autograd bookkeeping
     lines = [
         f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer"

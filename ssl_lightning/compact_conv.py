@@ -151,11 +151,11 @@ class CompactConv2d(nn.Module):
         best: dict[Impl, float] = {}
         with torch.inference_mode():
             reps = {}
-            for name, mod in mods.items():  # warm up, and size each timing block to about 5 ms
+            for name, mod in mods.items():  # warm up, and size each timing block to about 20 ms
                 mod(x)
                 t0 = time.perf_counter()
                 mod(x)
-                reps[name] = max(1, int(5e-3 / max(time.perf_counter() - t0, 1e-7)))
+                reps[name] = max(1, int(2e-2 / max(time.perf_counter() - t0, 1e-7)))
             for _ in range(5):  # interleaved rounds; keep each implementation's best block
                 for name, mod in mods.items():
                     t0 = time.perf_counter()
