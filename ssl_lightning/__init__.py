@@ -7,6 +7,7 @@ and compiled ops in :mod:`ssl_lightning.ops`.
 
 from ssl_lightning.callback import StructuredSparsity
 from ssl_lightning.compact_conv import CompactConv2d
+from ssl_lightning.compaction import CompactionError, compact, compact_with_info
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.report import SparsityReport, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
@@ -14,12 +15,15 @@ from ssl_lightning.schedules import PhaseSchedule
 __all__ = [
     "GROUP_TYPES",
     "CompactConv2d",
+    "CompactionError",
     "Group",
     "Member",
     "PhaseSchedule",
     "SparsityReport",
     "StructuredSparsity",
     "build_groups",
+    "compact",
+    "compact_with_info",
     "sparsity_report",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""compact(): shape/filter-sparse convs become CompactConv2d, outputs unchanged, errors name the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssl_lightning import CompactConv2d, CompactionError, compact, compact_with_info
+from ssl_lightning.models import LeNet, resnet20
+
+
+def zero_structure(model: nn.Module, seed: int = 0, rows: float = 0.3, cols: float = 0.6) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3] > 9:
+                w = m.weight.view(m.groups, m.out_channels // m.groups, -1)
+                w[:, :, torch.rand(w.shape[2], generator=g) < cols] = 0
+                m.weight[torch.rand(m.out_channels, generator=g) < rows] = 0
+
+
+def test_lenet_compacts_and_stays_equal() -> None:
+    torch.manual_seed(0)
+    model = LeNet()
+    zero_structure(model)
+    x = torch.randn(4, 1, 28, 28)
+    info = compact_with_info(model, x, measure=False)
+    assert info.replaced == {"conv2": "fused"} or "conv2" in info.replaced
+    assert isinstance(info.model.conv2, CompactConv2d) and isinstance(model.conv2, nn.Conv2d)  # original untouched
+    torch.testing.assert_close(info.model(x), model(x), rtol=1e-4, atol=1e-5)
+    assert info.max_abs_error < 1e-4
+    packed = info.model.conv2.weight.numel()
+    assert packed < model.conv2.weight.numel() * 0.5  # the compacted layer stores only kept rows x columns
+
+
+def test_resnet_with_bn_and_residuals_stays_equal_in_eval() -> None:
+    torch.manual_seed(1)
+    model = resnet20()
+    zero_structure(model, rows=0.2, cols=0.5)
+    model.train()
+    for _ in range(2):  # non-trivial BN statistics
+        model(torch.randn(8, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    fast = compact(model, x, measure=False)
+    assert model.training  # the original's mode is restored
+    assert sum(isinstance(m, CompactConv2d) for m in fast.modules()) >= 10
+    model.eval()
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_verification_names_the_first_differing_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = LeNet()
+    zero_structure(model)
+    original_forward = CompactConv2d.forward
+
+    def broken(self, x):  # type: ignore[no-untyped-def]
+        return original_forward(self, x) + 1.0
+
+    monkeypatch.setattr(CompactConv2d, "forward", broken)
+    with pytest.raises(CompactionError, match=r"compacted layer conv1 differs from the original by 1"):
+        compact(model, torch.randn(2, 1, 28, 28), measure=False)
+
+
+def test_unreached_and_subclassed_convs_are_left_dense_with_a_warning() -> None:
+    class MyConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = MyConv(3, 8, 3)
+            self.unused = nn.Conv2d(8, 8, 3)
+            self.b = nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    net = Net()
+    zero_structure(net)
+    with pytest.warns(UserWarning) as record:
+        fast = compact(net, torch.randn(1, 3, 12, 12), measure=False)
+    messages = " ".join(str(r.message) for r in record)
+    assert "a is a MyConv" in messages and "unused is not reached by the example inputs" in messages
+    assert type(fast.a) is MyConv and isinstance(fast.unused, nn.Conv2d)
