@@ -10,20 +10,19 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../compact_conv_args.h"
+
 #include <algorithm>
 #include <vector>
 
 namespace ssl_lightning {
 namespace {
 
-struct Geo {
-  int64_t c, h, w, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
-};
 
 // panel[k, (n - n0) * P + p] = x[n, g*cg + c_k, oh*sh - ph + kh_k*dh, ow*sw - pw + kw_k*dw] (0 outside)
 template <typename scalar_t>
 __global__ void lower_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ cols, int64_t k,
-                             int64_t group, int64_t n0, int64_t nimg, Geo G, scalar_t* __restrict__ panel) {
+                             int64_t group, int64_t n0, int64_t nimg, ConvGeometry G, scalar_t* __restrict__ panel) {
   const int64_t P = G.ho * G.wo;
   const int64_t width = nimg * P;
   const int64_t total = k * width;
@@ -49,62 +48,17 @@ at::Tensor compact_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                int64_t groups, int64_t out_channels, bool compact_output) {
-  TORCH_CHECK(input.is_cuda() && weight.device() == input.device(),
-              "compact_conv2d: input and weight must be on the same CUDA device, got ", input.device(), " and ",
-              weight.device());
-  TORCH_CHECK(input.dim() == 4, "compact_conv2d: input must be N x C x H x W, got ", input.dim(), " dims");
-  TORCH_CHECK(input.is_floating_point(), "compact_conv2d: input must be floating point, got ", input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type() && weight.dim() == 1,
-              "compact_conv2d: weight must be the packed 1-D compact weight with the input's dtype");
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "compact_conv2d: kernel_size, stride, padding and dilation must have 2 values each");
-  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0,
-              "compact_conv2d: groups (", groups, ") must divide the input channels (", input.size(1),
-              ") and out_channels (", out_channels, ")");
+  TORCH_CHECK(input.is_cuda(), "compact_conv2d: the CUDA backend needs a CUDA input, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   // The index lists are small: validate and read them on the host.
-  const at::Tensor rp_h = row_ptr.to(at::kCPU, at::kLong).contiguous();
-  const at::Tensor cp_h = col_ptr.to(at::kCPU, at::kLong).contiguous();
-  const at::Tensor ri_h = row_idx.to(at::kCPU, at::kLong).contiguous();
-  const at::Tensor ci_h = col_idx.to(at::kCPU, at::kLong).contiguous();
-  TORCH_CHECK(rp_h.numel() == groups + 1 && cp_h.numel() == groups + 1,
-              "compact_conv2d: row_ptr and col_ptr need groups + 1 = ", groups + 1, " entries, got ", rp_h.numel(),
-              " and ", cp_h.numel());
+  const at::Tensor rp_h = row_ptr.to(at::kCPU).contiguous();
+  const at::Tensor cp_h = col_ptr.to(at::kCPU).contiguous();
+  const at::Tensor ri_h = row_idx.to(at::kCPU).contiguous();
+  const at::Tensor ci_h = col_idx.to(at::kCPU).contiguous();
+  const ConvGeometry G = check_compact_conv2d_args(input, weight, ri_h, rp_h, ci_h, cp_h, bias, kernel_size, stride,
+                                                   padding, dilation, groups, out_channels);
   const int64_t* rp = rp_h.const_data_ptr<int64_t>();
   const int64_t* cp = cp_h.const_data_ptr<int64_t>();
-  Geo G{};
-  G.c = input.size(1), G.h = input.size(2), G.w = input.size(3), G.cg = G.c / groups;
-  G.kh = kernel_size[0], G.kw = kernel_size[1], G.sh = stride[0], G.sw = stride[1];
-  G.ph = padding[0], G.pw = padding[1], G.dh = dilation[0], G.dw = dilation[1];
-  TORCH_CHECK(G.kh > 0 && G.kw > 0 && G.sh > 0 && G.sw > 0 && G.dh > 0 && G.dw > 0 && G.ph >= 0 && G.pw >= 0,
-              "compact_conv2d: kernel_size, stride and dilation must be positive and padding non-negative");
-  G.ho = (G.h + 2 * G.ph - G.dh * (G.kh - 1) - 1) / G.sh + 1;
-  G.wo = (G.w + 2 * G.pw - G.dw * (G.kw - 1) - 1) / G.sw + 1;
-  TORCH_CHECK(G.ho > 0 && G.wo > 0, "compact_conv2d: input ", input.sizes(), " is smaller than the dilated kernel");
-  const int64_t og = out_channels / groups, k_total = G.cg * G.kh * G.kw;
-  int64_t w_expected = 0;
-  TORCH_CHECK(rp[0] == 0 && cp[0] == 0 && rp[groups] == ri_h.numel() && cp[groups] == ci_h.numel(),
-              "compact_conv2d: row_ptr/col_ptr must start at 0 and end at the number of kept rows/columns");
-  for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK(rp[g + 1] >= rp[g] && cp[g + 1] >= cp[g], "compact_conv2d: row_ptr and col_ptr must be non-decreasing");
-    w_expected += (rp[g + 1] - rp[g]) * (cp[g + 1] - cp[g]);
-    for (int64_t r = rp[g]; r < rp[g + 1]; ++r) {
-      const int64_t v = ri_h.const_data_ptr<int64_t>()[r];
-      TORCH_CHECK(v >= g * og && v < (g + 1) * og, "compact_conv2d: row index ", v, " of group ", g,
-                  " is outside its filters [", g * og, ", ", (g + 1) * og, ")");
-    }
-    for (int64_t k = cp[g]; k < cp[g + 1]; ++k) {
-      const int64_t v = ci_h.const_data_ptr<int64_t>()[k];
-      TORCH_CHECK(v >= 0 && v < k_total, "compact_conv2d: column index ", v, " is outside C/groups*KH*KW = ", k_total);
-    }
-  }
-  TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
-              " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_channels && bias->scalar_type() == input.scalar_type() &&
-                    bias->device() == input.device(),
-                "compact_conv2d: bias must be 1-D with out_channels = ", out_channels, " entries on the input's device");
-  }
 
   const at::Tensor x = input.contiguous();
   const int64_t N = x.size(0), P = G.ho * G.wo;
