@@ -118,6 +118,7 @@ class StructuredSparsity(Callback):
         self._params: dict[str, Tensor] = {}
         self._spatial: dict[str, int] = {}
         self._hooks: list[Any] = []
+        self._spatial_hooks: dict[str, Any] = {}
         self._pruned = False
         self._pending_masks: dict[str, Tensor] | None = None
         self._mask_owner: dict[str, tuple[nn.Module, str]] = {}
@@ -158,15 +159,18 @@ class StructuredSparsity(Callback):
         self._layers = sorted({n for g in self.groups for n in g.modules})
         for name, mod in pl_module.named_modules():
             if isinstance(mod, nn.Conv2d) and name in self._layers:
-                self._hooks.append(mod.register_forward_hook(self._record_spatial(name)))
+                self._spatial_hooks[name] = mod.register_forward_hook(self._record_spatial(name))
         rank_zero_info(
             f"StructuredSparsity: {sum(g.num_groups for g in self.groups)} groups in {len(self.groups)} families "
             f"over {len(self._layers)} layers ({', '.join(sorted({g.kind for g in self.groups}))})"
         )
 
     def _record_spatial(self, name: str) -> Any:
+        """Forward hook recording a conv's output positions (for FLOP figures) once, then removing itself."""
+
         def hook(_m: nn.Module, _i: Any, y: Tensor) -> None:
             self._spatial[name] = int(y.shape[-1] * y.shape[-2])
+            self._spatial_hooks.pop(name).remove()
 
         return hook
 
@@ -238,9 +242,10 @@ class StructuredSparsity(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for h in self._hooks:
+        for h in [*self._hooks, *self._spatial_hooks.values()]:
             h.remove()
         self._hooks.clear()
+        self._spatial_hooks.clear()
 
     # ---------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -245,3 +245,16 @@ def test_step_clock_prunes_at_the_given_optimizer_step(tmp_path: Path) -> None:
 
     trainer(tmp_path, max_steps=8, callbacks=[cb, Probe()]).fit(Module(), loader())
     assert pruned_at == [6]  # pruned at the start of step 5 (0-based), seen after it completes
+
+
+def test_checkpoint_masks_for_unknown_parameters_are_rejected(tmp_path: Path) -> None:
+    cb = StructuredSparsity({"filter": 1e-3})
+    cb.load_state_dict({"version": 1, "pruned": True, "masks": {"net.gone.weight": torch.ones(3, dtype=torch.bool)}})
+    with pytest.raises(KeyError, match=r"checkpoint mask for 'net.gone.weight' matches no regularized parameter"):
+        trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(Module(), loader())
+
+
+def test_spatial_hooks_record_once_and_flops_are_logged(tmp_path: Path) -> None:
+    cb = StructuredSparsity({"shape": 1e-3})
+    trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(Module(), loader())
+    assert cb._spatial == {"net.conv1": 64, "net.conv2": 64} and not cb._spatial_hooks

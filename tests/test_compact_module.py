@@ -110,3 +110,9 @@ def test_inference_path_matches_and_training_path_has_grads(mode: str) -> None:
     assert not y.requires_grad
     torch.testing.assert_close(y, conv(x).detach(), rtol=1e-5, atol=1e-5)
     assert mod(x).requires_grad
+
+
+def test_compact_output_needs_numeric_zero_padding() -> None:
+    conv = sparse_conv(4, 8, 3, padding="same")
+    with pytest.raises(ValueError, match="compact_output needs a conv with numeric zero padding"):
+        CompactConv2d.from_conv(conv, compact_output=True)

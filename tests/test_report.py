@@ -59,3 +59,12 @@ def test_chart_is_an_rgb_image() -> None:
     image = plot_layer_sparsity(sparsity_report(LeNet(), torch.zeros(1, 1, 28, 28)))
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype.name == "uint8"
     assert image.std() > 0
+
+
+def test_resnet_depth_must_be_6n_plus_2() -> None:
+    import pytest
+
+    from ssl_lightning.models import ResNetCifar
+
+    with pytest.raises(ValueError, match=r"ResNetCifar depth must be 6n\+2 \(20, 32, 56, ...\), got 21"):
+        ResNetCifar(21)
