@@ -7,7 +7,13 @@ and compiled ops in :mod:`ssl_lightning.ops`.
 
 from ssl_lightning.callback import StructuredSparsity
 from ssl_lightning.compact_conv import CompactConv2d
-from ssl_lightning.compaction import CompactionError, compact, compact_with_info
+from ssl_lightning.compaction import (
+    CompactionError,
+    apply_compaction_plan,
+    compact,
+    compact_with_info,
+    compaction_plan,
+)
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.report import SparsityReport, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
@@ -21,9 +27,11 @@ __all__ = [
     "PhaseSchedule",
     "SparsityReport",
     "StructuredSparsity",
+    "apply_compaction_plan",
     "build_groups",
     "compact",
     "compact_with_info",
+    "compaction_plan",
     "sparsity_report",
 ]
 __version__ = "0.1.0"

@@ -59,7 +59,7 @@ class CompactConv2d(nn.Module):
         self.kernel_size = _pair(conv.kernel_size)
         self.stride, self.dilation = _pair(conv.stride), _pair(conv.dilation)
         self.padding = _pair(conv.padding) if not isinstance(conv.padding, str) else (0, 0)
-        self.impl, self.compact_output = impl, compact_output
+        self.impl, self.compact_output, self.align = impl, compact_output, align
         g, og = conv.groups, conv.out_channels // conv.groups
         w = conv.weight.detach()
         rows_g = rows.view(g, og)

@@ -14,6 +14,7 @@ import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,14 @@ from torch.utils._pytree import tree_flatten
 from ssl_lightning.compact_conv import CompactConv2d
 from ssl_lightning.ops import lowered_nonzero
 
-__all__ = ["CompactionError", "CompactionResult", "compact", "compact_with_info"]
+__all__ = [
+    "CompactionError",
+    "CompactionResult",
+    "apply_compaction_plan",
+    "compact",
+    "compact_with_info",
+    "compaction_plan",
+]
 
 
 class CompactionError(RuntimeError):
@@ -172,3 +180,48 @@ def _verify(
                 "matches on its own; a module depends on something the compaction changed"
             )
     return worst
+
+
+def compaction_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """A JSON-serializable description of every :class:`CompactConv2d` in ``model`` (layer name -> kept
+    rows / columns and implementation), enough to rebuild the module structure before loading weights."""
+    plan: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, CompactConv2d):
+            plan[name] = {
+                "impl": mod.impl,
+                "compact_output": mod.compact_output,
+                "align": mod.align,
+                "row_idx": mod.row_idx.tolist(),
+                "col_idx": mod.col_idx.tolist(),
+                "col_ptr": mod.col_ptr.tolist(),
+            }
+    return plan
+
+
+def apply_compaction_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
+    """Replace, in place, the ``nn.Conv2d`` layers named in ``plan`` by their :class:`CompactConv2d` form so that
+    a compacted ``state_dict`` loads (``torch.load(..., weights_only=True)`` then ``load_state_dict``).
+
+    Raises ``ValueError`` naming the layer when the model does not match the plan.
+    """
+    for name, spec in plan.items():
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"compaction plan names {name!r}, which this model does not have") from err
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"compaction plan names {name!r}, which is a {type(conv).__name__}, not an nn.Conv2d")
+        groups = conv.groups
+        k_total = conv.in_channels // groups * conv.kernel_size[0] * conv.kernel_size[1]
+        rows = torch.zeros(conv.out_channels, dtype=torch.bool)
+        rows[torch.tensor(spec["row_idx"], dtype=torch.long)] = True
+        cols = torch.zeros(groups, k_total, dtype=torch.bool)
+        col_idx, col_ptr = spec["col_idx"], spec["col_ptr"]
+        if len(col_ptr) != groups + 1 or (col_idx and max(col_idx) >= k_total):
+            raise ValueError(f"compaction plan for {name!r} does not fit its conv ({conv})")
+        for g in range(groups):
+            cols[g, torch.tensor(col_idx[col_ptr[g] : col_ptr[g + 1]], dtype=torch.long)] = True
+        fast = CompactConv2d(conv, rows, cols, spec["impl"], spec["compact_output"], spec.get("align", 8))
+        model.set_submodule(name, fast)
+    return model

@@ -84,3 +84,27 @@ def test_unreached_and_subclassed_convs_are_left_dense_with_a_warning() -> None:
     messages = " ".join(str(r.message) for r in record)
     assert "a is a MyConv" in messages and "unused is not reached by the example inputs" in messages
     assert type(fast.a) is MyConv and isinstance(fast.unused, nn.Conv2d)
+
+
+def test_compacted_model_round_trips_through_state_dict_and_plan(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from ssl_lightning import apply_compaction_plan, compaction_plan
+
+    torch.manual_seed(2)
+    model = resnet20()
+    zero_structure(model, rows=0.3, cols=0.6)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = compact(model, x, measure=False)
+    plan = json.loads(json.dumps(compaction_plan(fast)))  # the plan is plain JSON
+    assert plan and all(spec["impl"] in ("fused", "rows") for spec in plan.values())
+    torch.save(fast.state_dict(), tmp_path / "compact.pt")
+    fresh = apply_compaction_plan(resnet20().eval(), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "compact.pt", weights_only=True), strict=True)
+    torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"compaction plan names 'blocks.99.conv1', which this model does not have"):
+        apply_compaction_plan(resnet20(), {"blocks.99.conv1": next(iter(plan.values()))})
+    with pytest.raises(ValueError, match=r"compaction plan names 'fc', which is a Linear, not an nn.Conv2d"):
+        apply_compaction_plan(resnet20(), {"fc": next(iter(plan.values()))})
