@@ -61,6 +61,28 @@ class CifarConvNet(nn.Module):
         return self.fc(self.dropout(x.flatten(1)))
 
 
+class AlexNet(nn.Module):
+    """CaffeNet (the SSL paper's AlexNet): 5 convs (groups 2 on conv2/4/5), LRN, 3 FC layers; input 3x227x227."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, 11, stride=4), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), nn.LocalResponseNorm(5),
+            nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.LocalResponseNorm(5),
+            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        )  # fmt: skip
+        self.classifier = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, num_classes),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN plus shortcut (identity, or 1x1 conv + BN when the shape changes)."""
 
