@@ -12,6 +12,7 @@
 #include "compact_conv_args.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -200,8 +201,104 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   return out;
 }
 
+
+namespace {
+
+// Inverse of lower_tile: grad_x[c_k, ih, iw] += gl[k, p] for every kept column k and output position p of
+// rows [oh0, oh1) whose tap lies inside the image (col2im restricted to the kept columns).
+template <typename scalar_t>
+void col2im_tile(const scalar_t* gl, const int64_t* cols, int64_t k, int64_t group, int64_t oh0, int64_t oh1,
+                 const ConvGeometry& G, scalar_t* grad_x) {
+  const int64_t pt = (oh1 - oh0) * G.wo;
+  for (int64_t i = 0; i < k; ++i) {  // serial: different columns can hit the same input pixel
+    const int64_t col = cols[i];
+    const int64_t ci = col / (G.kh * G.kw), rem = col % (G.kh * G.kw);
+    const int64_t ki = rem / G.kw, kj = rem % G.kw;
+    scalar_t* plane = grad_x + (group * G.cg + ci) * G.h * G.w;
+    const scalar_t* row = gl + i * pt;
+    for (int64_t oh = oh0; oh < oh1; ++oh, row += G.wo) {
+      const int64_t ih = oh * G.sh - G.ph + ki * G.dh;
+      if (ih < 0 || ih >= G.h) continue;
+      scalar_t* dst = plane + ih * G.w;
+      for (int64_t ow = 0; ow < G.wo; ++ow) {
+        const int64_t iw = ow * G.sw - G.pw + kj * G.dw;
+        if (iw >= 0 && iw < G.w) dst[iw] += row[ow];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Gradients of compact_conv2d with respect to the input and the packed weight, computed on the kept
+// rows and columns only: grad_W_g = dY_g @ L_g^T, grad_L_g = W_g^T @ dY_g scattered back by col2im.
+std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
+    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
+    bool compact_output, std::array<bool, 2> output_mask) {
+  const ConvGeometry G = check_compact_conv2d_args(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt,
+                                                   kernel_size, stride, padding, dilation, groups, out_channels);
+  const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&
+                  grad_output.size(2) == G.ho && grad_output.size(3) == G.wo,
+              "compact_conv2d_backward: grad_output must be ", G.n, " x ", out_rows, " x ", G.ho, " x ", G.wo,
+              ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "compact_conv2d_backward: grad_output dtype ",
+              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cpp = col_ptr.const_data_ptr<int64_t>();
+  const int64_t* ci = col_idx.const_data_ptr<int64_t>();
+  const at::Tensor x = input.contiguous();
+  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  // outputs that were not asked for come back empty (0 elements)
+  at::Tensor grad_x = output_mask[0] ? at::zeros_like(x) : at::empty({0}, x.options());
+  at::Tensor grad_w = output_mask[1] ? at::zeros_like(wc) : at::empty({0}, x.options());
+  const int64_t P = G.ho * G.wo;
+  int64_t kmax = 0;
+  for (int64_t g = 0; g < groups; ++g) kmax = std::max(kmax, cpp[g + 1] - cpp[g]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d_backward", [&] {
+    const int64_t tile_rows =
+        std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(1, kmax * G.wo * int64_t(sizeof(scalar_t))), 1, G.ho);
+    at::Tensor panel = at::empty({std::max<int64_t>(1, kmax * tile_rows * G.wo)}, x.options());
+    int64_t woff = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t r = rp[g + 1] - rp[g], k = cpp[g + 1] - cpp[g];
+      if (r == 0 || k == 0) {
+        woff += r * k;
+        continue;
+      }
+      const at::Tensor wg = wc.narrow(0, woff, r * k).view({r, k});
+      at::Tensor gwg = output_mask[1] ? grad_w.narrow(0, woff, r * k).view({r, k}) : at::Tensor();
+      woff += r * k;
+      const at::Tensor rows_g = row_idx.narrow(0, rp[g], r);
+      for (int64_t n = 0; n < G.n; ++n) {
+        const at::Tensor go_n = go[n].view({out_rows, P});
+        const at::Tensor dy = compact_output ? go_n.narrow(0, rp[g], r) : go_n.index_select(0, rows_g);  // r x P
+        for (int64_t oh0 = 0; oh0 < G.ho; oh0 += tile_rows) {
+          const int64_t oh1 = std::min(G.ho, oh0 + tile_rows), pt = (oh1 - oh0) * G.wo;
+          const at::Tensor dy_t = dy.narrow(1, oh0 * G.wo, pt);
+          if (output_mask[1]) {
+            lower_tile<scalar_t>(x.const_data_ptr<scalar_t>() + n * G.c * G.h * G.w, ci + cpp[g], k, g, oh0, oh1, G,
+                                 panel.mutable_data_ptr<scalar_t>(), true);
+            gwg.addmm_(dy_t, panel.narrow(0, 0, k * pt).view({k, pt}).t());
+          }
+          if (output_mask[0]) {
+            const at::Tensor gl = at::mm(wg.t(), dy_t).contiguous();  // k x pt
+            col2im_tile<scalar_t>(gl.const_data_ptr<scalar_t>(), ci + cpp[g], k, g, oh0, oh1, G,
+                                  grad_x.mutable_data_ptr<scalar_t>() + n * G.c * G.h * G.w);
+          }
+        }
+      }
+    }
+  });
+  return {grad_x, grad_w};
+}
+
 }  // namespace ssl_lightning
 
 TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {
   m.impl("compact_conv2d", &ssl_lightning::compact_conv2d_cpu);
+  m.impl("compact_conv2d_backward", &ssl_lightning::compact_conv2d_backward_cpu);
 }

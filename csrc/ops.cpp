@@ -73,6 +73,11 @@ TORCH_LIBRARY(ssl_lightning, m) {
       "compact_conv2d(Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int out_channels, bool compact_output) -> Tensor");
+  // Its gradients for input and packed weight on the kept rows/columns only (col2im over kept columns).
+  m.def(
+      "compact_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, "
+      "Tensor col_idx, Tensor col_ptr, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int out_channels, bool compact_output, bool[2] output_mask) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {

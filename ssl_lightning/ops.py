@@ -17,6 +17,7 @@ from ssl_lightning._ext import has_compiled_ops, has_cuda_kernels
 
 __all__ = [
     "compact_conv2d",
+    "compact_conv2d_backward_reference",
     "compact_conv2d_reference",
     "expand_compact_weight",
     "lowered_nonzero",
@@ -179,6 +180,40 @@ def compact_conv2d(
     return compact_conv2d_reference(*args)
 
 
+def compact_conv2d_backward_reference(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    row_idx: Tensor,
+    row_ptr: Tensor,
+    col_idx: Tensor,
+    col_ptr: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    out_channels: int,
+    compact_output: bool,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """Reference twin of the backward op: dense conv gradients with the masked dense weight, packed back."""
+    ks, st, pd, dl = list(kernel_size), list(stride), list(padding), list(dilation)
+    dense = expand_compact_weight(
+        weight, row_idx, row_ptr, col_idx, col_ptr, out_channels, input.shape[1] // groups, ks
+    )
+    if compact_output:  # removed rows receive no gradient
+        full = grad_output.new_zeros(grad_output.shape[0], out_channels, *grad_output.shape[2:])
+        grad_output = full.index_copy(1, row_idx.to(full.device), grad_output)
+    empty = input.new_empty(0)
+    grad_in = conv2d_input(input.shape, dense, grad_output, st, pd, dl, groups) if output_mask[0] else empty
+    grad_w = empty
+    if output_mask[1]:
+        dense_grad = conv2d_weight(input, dense.shape, grad_output, st, pd, dl, groups)
+        grad_w = pack_compact_weight(dense_grad, row_idx, row_ptr, col_idx, col_ptr)
+    return grad_in, grad_w
+
+
 if has_compiled_ops():
 
     @torch.library.register_fake("ssl_lightning::compact_conv2d")
@@ -198,18 +233,45 @@ if has_compiled_ops():
     def _compact_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         inp, weight, row_idx, row_ptr, col_idx, col_ptr = ctx.saved_tensors
         has_bias, ks, st, pd, dl, groups, oc, compact = ctx.conf
-        dense = expand_compact_weight(weight, row_idx, row_ptr, col_idx, col_ptr, oc, inp.shape[1] // groups, ks)
-        if compact:  # removed rows receive no gradient
-            full = grad_out.new_zeros(grad_out.shape[0], oc, *grad_out.shape[2:])
-            grad_out = full.index_copy(1, row_idx.to(full.device), grad_out)
-        grad_in = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_in = conv2d_input(inp.shape, dense, grad_out, st, pd, dl, groups)
-        if ctx.needs_input_grad[1]:
-            dense_grad = conv2d_weight(inp, dense.shape, grad_out, st, pd, dl, groups)
-            grad_w = pack_compact_weight(dense_grad, row_idx, row_ptr, col_idx, col_ptr)
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
+        args = (
+            grad_out.contiguous(),
+            inp,
+            weight,
+            row_idx,
+            row_ptr,
+            col_idx,
+            col_ptr,
+            ks,
+            st,
+            pd,
+            dl,
+            groups,
+            oc,
+            compact,
+            mask,
+        )
+        if inp.device.type == "cpu":  # kept rows/columns only
+            grad_in, grad_w = torch.ops.ssl_lightning.compact_conv2d_backward(*args)
+        else:
+            grad_in, grad_w = compact_conv2d_backward_reference(*args)
+        grad_b = None
         if has_bias and ctx.needs_input_grad[6]:
-            grad_b = grad_out.sum((0, 2, 3))
-        return grad_in, grad_w, None, None, None, None, grad_b, None, None, None, None, None, None, None
+            per_row = grad_out.sum((0, 2, 3))
+            grad_b = per_row.new_zeros(oc).index_add_(0, row_idx.to(per_row.device), per_row) if compact else per_row
+        return (
+            grad_in if mask[0] else None, grad_w if mask[1] else None, None, None, None, None, grad_b,
+            None, None, None, None, None, None, None,
+        )  # fmt: skip
+
+    @torch.library.register_fake("ssl_lightning::compact_conv2d_backward")
+    def _compact_backward_fake(  # type: ignore[no-untyped-def]
+        grad_output, input, weight, row_idx, row_ptr, col_idx, col_ptr, kernel_size, stride, padding, dilation,
+        groups, out_channels, compact_output, output_mask,
+    ):  # fmt: skip
+        return (
+            torch.empty_like(input) if output_mask[0] else input.new_empty(0),
+            torch.empty_like(weight) if output_mask[1] else weight.new_empty(0),
+        )
 
     torch.library.register_autograd("ssl_lightning::compact_conv2d", _compact_backward, setup_context=_compact_setup)

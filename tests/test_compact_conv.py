@@ -253,3 +253,40 @@ def test_cuda_kernel_matches_reference(compact_output: bool, dtype: torch.dtype)
     x1 = dev[0].clone().requires_grad_()
     torch.ops.ssl_lightning.compact_conv2d(x1, *dev[1:], *rest, compact_output).sum().backward()
     assert x1.grad is not None and x1.grad.shape == x1.shape
+
+
+def backward_samples() -> list[tuple]:
+    out = []
+    for seed, compact_output, mask in [
+        (10, False, [True, True]),
+        (11, True, [True, False]),
+        (12, False, [False, True]),
+    ]:
+        x, wc, ri, rp, ci, cp, _b, ks, st_, pd, dl, groups, o = case(seed, n=2, groups=2)
+        rows = len(ri) if compact_output else o
+        ho = (x.shape[2] + 2 * pd[0] - (ks[0] - 1) - 1) // st_[0] + 1
+        wo = (x.shape[3] + 2 * pd[1] - (ks[1] - 1) - 1) // st_[1] + 1
+        gy = torch.randn(x.shape[0], rows, ho, wo, generator=torch.Generator().manual_seed(seed))
+        out.append((gy, x, wc, ri, rp, ci, cp, ks, st_, pd, dl, groups, o, compact_output, mask))
+    return out
+
+
+@compiled
+@pytest.mark.parametrize("sample", range(3))
+def test_backward_op_matches_reference(sample: int) -> None:
+    args = backward_samples()[sample]
+    got = torch.ops.ssl_lightning.compact_conv2d_backward(*args)
+    want = ops.compact_conv2d_backward_reference(*args)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@compiled
+def test_backward_op_opcheck_and_shape_errors() -> None:
+    for args in backward_samples():
+        torch.library.opcheck(torch.ops.ssl_lightning.compact_conv2d_backward.default, args)
+    bad = list(backward_samples()[0])
+    bad[0] = bad[0][:, :3]
+    with pytest.raises(RuntimeError, match=r"compact_conv2d_backward: grad_output must be 2 x 12 x 5 x 10"):
+        torch.ops.ssl_lightning.compact_conv2d_backward(*bad)

@@ -11,7 +11,7 @@ from ssl_lightning import ops
 from ssl_lightning._ext import has_compiled_ops
 
 from .conftest import requires_cuda_kernels
-from .test_compact_conv import opcheck_samples
+from .test_compact_conv import backward_samples, opcheck_samples
 
 compiled = pytest.mark.skipif(not has_compiled_ops(), reason="ssl_lightning._C not built")
 
@@ -41,6 +41,7 @@ def test_opcheck_every_registered_op() -> None:
             (random_sparse_weight(2, 4, 3, 3, 2, torch.bfloat16), 3),
         ],
         "compact_conv2d": opcheck_samples(),
+        "compact_conv2d_backward": backward_samples(),
     }
     assert set(names) <= set(samples), f"ops without opcheck samples: {set(names) - set(samples)}"
     for name, cases in samples.items():
