@@ -1,0 +1,50 @@
+"""Every recipe parses and runs a few steps through the CLI on data in its real on-disk format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssl_lightning import StructuredSparsity
+from ssl_lightning.cli import cli
+
+from .test_data_formats import write_cifar
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["lenet_mnist5k_shapes.yaml", "lenet_mnist5k_filters.yaml"])
+def test_embedded_data_recipes_run(tmp_path: Path, recipe: str) -> None:
+    run = cli(["fit", "--config", str(RECIPES / recipe), *FAST, "--trainer.default_root_dir", str(tmp_path)])
+    assert run.trainer.global_step == 3
+    (ssl,) = [c for c in run.trainer.callbacks if isinstance(c, StructuredSparsity)]
+    assert ssl.groups and ssl.schedule.ssl_start == 2
+
+
+def test_cifar_recipe_runs_on_cifar_batches(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "cifar", 10, n=8)
+    args = [
+        "fit",
+        "--config",
+        str(RECIPES / "convnet_cifar10.yaml"),
+        *FAST,
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    run = cli([*args, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.batch_size", "4"])
+    assert run.trainer.global_step == 3
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fit", "--config", str(RECIPES / "lenet_mnist5k_shapes.yaml"), "--model.lrr", "0.1"])
+    assert exit_info.value.code != 0
+    assert "lrr" in capsys.readouterr().err
+
+
+def test_every_recipe_is_tested() -> None:
+    tested = {"lenet_mnist5k_shapes.yaml", "lenet_mnist5k_filters.yaml", "convnet_cifar10.yaml"}
+    assert {p.name for p in RECIPES.glob("*.yaml")} == tested
