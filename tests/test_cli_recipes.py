@@ -16,7 +16,9 @@ FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]  # fmt: skip
 
 
-@pytest.mark.parametrize("recipe", ["lenet_mnist5k_shapes.yaml", "lenet_mnist5k_filters.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["lenet_mnist5k_shapes.yaml", "lenet_mnist5k_filters.yaml", "mlp_mnist5k_neurons.yaml"]
+)
 def test_embedded_data_recipes_run(tmp_path: Path, recipe: str) -> None:
     run = cli(["fit", "--config", str(RECIPES / recipe), *FAST, "--trainer.default_root_dir", str(tmp_path)])
     assert run.trainer.global_step == 3
@@ -24,18 +26,37 @@ def test_embedded_data_recipes_run(tmp_path: Path, recipe: str) -> None:
     assert ssl.groups and ssl.schedule.ssl_start == 2
 
 
-def test_cifar_recipe_runs_on_cifar_batches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["convnet_cifar10.yaml", "resnet20_cifar10_depth.yaml"])
+def test_cifar_recipes_run_on_cifar_batches(tmp_path: Path, recipe: str) -> None:
     write_cifar(tmp_path / "cifar", 10, n=8)
+    args = ["fit", "--config", str(RECIPES / recipe), *FAST, "--trainer.default_root_dir", str(tmp_path)]
+    run = cli([*args, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.batch_size", "4"])
+    assert run.trainer.global_step == 3
+    (ssl,) = [c for c in run.trainer.callbacks if isinstance(c, StructuredSparsity)]
+    if recipe.startswith("resnet20"):
+        assert {g.kind for g in ssl.groups} == {"depth"} and len(ssl.groups) == 9
+
+
+def test_imagenet_recipe_runs_on_an_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "img" / split / c / "x.png")
     args = [
         "fit",
         "--config",
-        str(RECIPES / "convnet_cifar10.yaml"),
+        str(RECIPES / "alexnet_imagenet.yaml"),
         *FAST,
         "--trainer.default_root_dir",
         str(tmp_path),
     ]
-    run = cli([*args, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.batch_size", "4"])
-    assert run.trainer.global_step == 3
+    overrides = ["--data.init_args.root", str(tmp_path / "img"), "--data.init_args.batch_size", "2",
+                 "--data.init_args.num_workers", "0", "--model.num_classes", "2",
+                 "--model.model.init_args.num_classes", "2"]  # fmt: skip
+    run = cli([*args, *overrides])
+    assert run.trainer.global_step == 1  # 2 training images in batches of 2
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -46,5 +67,12 @@ def test_unknown_recipe_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_every_recipe_is_tested() -> None:
-    tested = {"lenet_mnist5k_shapes.yaml", "lenet_mnist5k_filters.yaml", "convnet_cifar10.yaml"}
+    tested = {
+        "lenet_mnist5k_shapes.yaml",
+        "lenet_mnist5k_filters.yaml",
+        "mlp_mnist5k_neurons.yaml",
+        "convnet_cifar10.yaml",
+        "resnet20_cifar10_depth.yaml",
+        "alexnet_imagenet.yaml",
+    }
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested
