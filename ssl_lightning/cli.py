@@ -8,6 +8,8 @@ are errors. (The whole-pipeline ``run RECIPE`` command — prune, compact, bench
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
 
 from ssl_lightning.models import ImageClassifier
@@ -23,9 +25,23 @@ def cli(args: list[str] | None = None) -> LightningCLI:
     )
 
 
-def main() -> None:
-    """Entry point of the ``ssl-lightning`` console script."""
-    cli()
+# Errors a user fixes in the recipe or on the command line: one line, exit code 2, no stack trace.
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``ssl-lightning`` console script. ``--verbose`` shows full stack traces."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        cli(argv)
+    except _USER_ERRORS as err:
+        if verbose:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"ssl-lightning: error: {msg} (run with --verbose for the stack trace)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

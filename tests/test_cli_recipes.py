@@ -76,3 +76,17 @@ def test_every_recipe_is_tested() -> None:
         "alexnet_imagenet.yaml",
     }
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested
+
+
+def test_user_errors_are_one_line_without_a_stack_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ssl_lightning.cli import main
+
+    args = ["fit", "--config", str(RECIPES / "convnet_cifar10.yaml"), *FAST,
+            "--data.init_args.root", str(tmp_path / "no-cifar-here"), "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ssl-lightning: error:") and "no-cifar-here" in err and "CIFAR-10 python batches" in err
+    with pytest.raises(FileNotFoundError, match="no-cifar-here"):
+        main([*args, "--verbose"])

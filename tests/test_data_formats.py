@@ -132,3 +132,16 @@ def test_image_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no class sub-folders found"):
         ImageFolderDataset(tmp_path / "empty")
+
+
+def test_sklearn_digits_default() -> None:
+    from ssl_lightning.data import Digits8x8DataModule
+
+    dm = Digits8x8DataModule(val_fraction=0.2)
+    dm.setup()
+    x, _ = dm.train_set.tensors
+    assert x.shape[1:] == (1, 8, 8) and float(x.min()) >= 0 and float(x.max()) <= 1
+    assert len(dm.train_set) + len(dm.val_set) == 1797
+    assert torch.bincount(dm.val_set.tensors[1]).min() >= 30  # stratified
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        Digits8x8DataModule(val_fraction=1.5)
