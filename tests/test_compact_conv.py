@@ -290,3 +290,13 @@ def test_backward_op_opcheck_and_shape_errors() -> None:
     bad[0] = bad[0][:, :3]
     with pytest.raises(RuntimeError, match=r"compact_conv2d_backward: grad_output must be 2 x 12 x 5 x 10"):
         torch.ops.ssl_lightning.compact_conv2d_backward(*bad)
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+def test_half_precision_inputs_match_fp32_within_rounding(dtype: torch.dtype, rel: float) -> None:
+    args = case(13, dtype=dtype)
+    got = ops.compact_conv2d(*args, False)
+    as_fp32 = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    want = ops.compact_conv2d_reference(*as_fp32, False)
+    assert got.dtype == dtype
+    assert float((got.float() - want).abs().max()) <= rel * float(want.abs().max())
