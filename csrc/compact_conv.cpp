@@ -57,6 +57,18 @@ void gemm_into(const at::Tensor& w, const at::Tensor& l, const at::Tensor& dst, 
 constexpr int64_t kPanelBytes = 2048 * 1024;  // lowered panel per tile (BLAS repacks it in cache-sized blocks)
 
 
+// Most kept columns of any conv group (sizes the lowered panel).
+int64_t max_kept_columns(const int64_t* col_ptr, int64_t groups) {
+  int64_t kmax = 0;
+  for (int64_t g = 0; g < groups; ++g) kmax = std::max(kmax, col_ptr[g + 1] - col_ptr[g]);
+  return kmax;
+}
+
+// Output rows per tile so that a kmax x (rows * wo) panel stays within kPanelBytes.
+int64_t panel_tile_rows(int64_t kmax, const ConvGeometry& G, size_t elem_size) {
+  return std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(1, kmax * G.wo * int64_t(elem_size)), 1, G.ho);
+}
+
 // Lower the kept columns cols[0..k) of image `x` (C x H x W) for output rows [oh0, oh1) into
 // dst (k x (oh1-oh0)*wo), one kept column per row of dst; out-of-bounds taps read zero padding.
 template <typename scalar_t>
@@ -144,10 +156,8 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor wc = weight.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d", [&] {
-    int64_t kmax = 0;  // most kept columns of any group: sizes the lowered panel
-    for (int64_t g = 0; g < groups; ++g) kmax = std::max(kmax, cpp[g + 1] - cpp[g]);
-    const int64_t tile_rows =
-        std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(1, kmax * G.wo * int64_t(sizeof(scalar_t))), 1, G.ho);
+    const int64_t kmax = max_kept_columns(cpp, groups);
+    const int64_t tile_rows = panel_tile_rows(kmax, G, sizeof(scalar_t));
     // Work items are (image, conv group) pairs. With at least as many items as threads, each item runs on
     // one thread with a single-threaded GEMM; otherwise items run in turn with a parallel lowering and a
     // multi-threaded GEMM.
@@ -256,11 +266,9 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cpu(
   at::Tensor grad_x = output_mask[0] ? at::zeros_like(x) : at::empty({0}, x.options());
   at::Tensor grad_w = output_mask[1] ? at::zeros_like(wc) : at::empty({0}, x.options());
   const int64_t P = G.ho * G.wo;
-  int64_t kmax = 0;
-  for (int64_t g = 0; g < groups; ++g) kmax = std::max(kmax, cpp[g + 1] - cpp[g]);
+  const int64_t kmax = max_kept_columns(cpp, groups);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d_backward", [&] {
-    const int64_t tile_rows =
-        std::clamp<int64_t>(kPanelBytes / std::max<int64_t>(1, kmax * G.wo * int64_t(sizeof(scalar_t))), 1, G.ho);
+    const int64_t tile_rows = panel_tile_rows(kmax, G, sizeof(scalar_t));
     at::Tensor panel = at::empty({std::max<int64_t>(1, kmax * tile_rows * G.wo)}, x.options());
     int64_t woff = 0;
     for (int64_t g = 0; g < groups; ++g) {

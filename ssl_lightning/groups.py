@@ -80,11 +80,6 @@ class Member:
             shape[self.narrow[0]] = self.narrow[2]
         return math.prod(shape[d] for d in self.reduce_dims)
 
-    def sq_sums(self, t: Tensor | None = None) -> Tensor:
-        """Per-group sum of squares in fp32, shape [num_groups]."""
-        v = self.view((self.param if t is None else t).detach()).float()
-        return (v * v).sum(self.reduce_dims).reshape(-1)
-
     def reduce_sq(self, sq: Tensor) -> Tensor:
         """Per-group sums of an already squared fp32 copy of the parameter, shape [num_groups]."""
         return self.view(sq).sum(self.reduce_dims).reshape(-1)
@@ -124,10 +119,7 @@ class Group:
 
     def norms(self) -> Tensor:
         """fp32 L2 norm of every group, shape [num_groups]."""
-        total = self.members[0].sq_sums()
-        for m in self.members[1:]:
-            total = total + m.sq_sums().to(total.device)
-        return total.sqrt()
+        return family_sq_sums([self])[0].sqrt()
 
 
 def weight_of(module: nn.Module) -> Tensor:
@@ -436,8 +428,3 @@ def _depth_groups(
 def group_parameters(groups: Iterable[Group]) -> dict[str, Tensor]:
     """Every distinct tensor touched by ``groups``, by qualified name."""
     return {m.name: m.param for g in groups for m in g.members}
-
-
-def summarize(groups: Sequence[Group]) -> str:
-    """One line per family: name, number of groups, group size, λ."""
-    return "\n".join(f"{g.name}: {g.num_groups} groups of {g.group_size}, λ={g.lam:g}" for g in groups)
