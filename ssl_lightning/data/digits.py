@@ -6,6 +6,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_lightning.data.split import stratified_split
+
 
 class Digits8x8DataModule(pl.LightningDataModule):
     """Images float32 [N, 1, 8, 8] scaled to [0, 1]; a deterministic stratified split (``val_fraction`` per class)."""
@@ -22,15 +24,7 @@ class Digits8x8DataModule(pl.LightningDataModule):
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(digits.target, dtype=torch.long)
-        g = torch.Generator().manual_seed(self.seed)
-        train, val = [], []
-        for c in range(10):
-            idx = (y == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            n_val = max(1, round(len(idx) * self.val_fraction))
-            val.append(idx[:n_val])
-            train.append(idx[n_val:])
-        tr, va = torch.cat(train), torch.cat(val)
+        tr, va = stratified_split(y, lambda n: max(1, round(n * self.val_fraction)), self.seed)
         self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
     def train_dataloader(self) -> DataLoader:

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_lightning.data.split import stratified_split
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -50,14 +52,7 @@ class MNIST5kDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         images, labels = load_mnist5k()
         images = (images - MNIST_MEAN) / MNIST_STD
-        g = torch.Generator().manual_seed(self.seed)
-        train_idx, val_idx = [], []
-        for c in range(10):
-            idx = (labels == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            val_idx.append(idx[: self.val_per_class])
-            train_idx.append(idx[self.val_per_class :])
-        tr, va = torch.cat(train_idx), torch.cat(val_idx)
+        tr, va = stratified_split(labels, lambda _n: self.val_per_class, self.seed)
         self.train_set = TensorDataset(images[tr], labels[tr])
         self.val_set = TensorDataset(images[va], labels[va])
 
