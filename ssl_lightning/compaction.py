@@ -1,11 +1,17 @@
-"""Compaction: turn learned zero groups into faster modules, equivalence-checked.
+"""Compaction: turn learned zero groups into a smaller, faster model, equivalence-checked.
 
-This first stage replaces, layer by layer, every ``nn.Conv2d`` whose lowered weight has all-zero rows
-(filters) or columns (filter-shape fibers) with a drop-in :class:`~ssl_lightning.CompactConv2d`
-(full-width output, so nothing around it changes), keeping the original conv wherever the fused or
-row-only implementation does not measure faster on the layer's real input. Removing channels across
-layers (BN, consumers, residual adds, concat, flatten→Linear, whole branches) builds on the channel
-analysis in :mod:`ssl_lightning.graph` and is the next stage.
+Two stages on a deep copy of the model (the original is untouched):
+
+1. channel removal (:mod:`ssl_lightning.channel_removal`): channels that every consumer ignores or that
+   are a foldable constant are sliced out of their producers, BN / depthwise / PReLU layers and
+   consumers, across residual adds, concatenations and flatten→Linear, with the constants folded into
+   the consumers' biases;
+2. every remaining ``nn.Conv2d`` whose lowered weight still has all-zero rows (filters) or columns
+   (filter-shape fibers) becomes a drop-in :class:`~ssl_lightning.CompactConv2d` (full-width output),
+   unless the dense conv measures as fast on the layer's real input.
+
+The result is checked against the original on the example and random inputs; a mismatch raises
+:class:`CompactionError` naming the first layer that differs.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compact_conv import CompactConv2d
 from ssl_lightning.ops import lowered_nonzero
+
+PLAN_VERSION = 2
+_PLAN_ATTR = "_ssl_lightning_channel_plan"  # the channel plan rides on the compacted model (kept by deepcopy)
 
 __all__ = [
     "CompactionError",
@@ -42,11 +52,28 @@ class CompactionResult:
     model: nn.Module
     replaced: dict[str, str] = field(default_factory=dict)  # layer name -> implementation chosen
     kept_dense: list[str] = field(default_factory=list)  # sparse layers where the dense conv was fastest
+    channels: ChannelPlan = field(default_factory=ChannelPlan)  # channels removed per module
     max_abs_error: float = 0.0
 
 
 def _as_tuple(x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def _trials(inputs: tuple[Tensor, ...], extra: int = 2) -> list[tuple[Tensor, ...]]:
+    """The example inputs and ``extra`` random inputs with the same shapes and statistics."""
+    g = torch.Generator().manual_seed(0)
+    return [inputs] + [
+        tuple(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * t.std() + t.mean() for t in inputs)
+        if all(t.is_floating_point() for t in inputs)
+        else inputs
+        for _ in range(extra)
+    ]
+
+
+def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> object:
+    with torch.no_grad():
+        return model(*inputs)
 
 
 def _outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
@@ -75,13 +102,14 @@ def compact(
     *,
     measure: bool = True,
     align: int = 8,
+    channels: bool = True,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> nn.Module:
     """A compacted, equivalence-checked copy of ``model`` (see :func:`compact_with_info`)."""
     return compact_with_info(
-        model, example_inputs, measure=measure, align=align, verify=verify, rtol=rtol, atol=atol
+        model, example_inputs, measure=measure, align=align, channels=channels, verify=verify, rtol=rtol, atol=atol
     ).model
 
 
@@ -91,6 +119,7 @@ def compact_with_info(
     *,
     measure: bool = True,
     align: int = 8,
+    channels: bool = True,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
@@ -98,15 +127,29 @@ def compact_with_info(
     """Return a compacted copy of ``model`` (the original is untouched), evaluated in eval mode.
 
     measure: pick each layer's implementation by timing it on the input it sees for ``example_inputs``
-    (else from the kept fractions). verify: check the compacted model against the original on the
-    example and two random inputs of the same shapes; raise :class:`CompactionError` naming the first
-    layer whose output differs beyond ``rtol``/``atol`` (relative to the layer's output scale).
+    (else from the kept fractions). align: kept channel counts (and the row-only conv's filter counts)
+    are rounded up to a multiple of this, since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the
+    needed channels. channels: remove channels across layers (stage 1), else only swap convs.
+    verify: check the compacted model against the original on the example and two random inputs of the
+    same shapes; raise :class:`CompactionError` naming the first layer whose output differs beyond
+    ``rtol``/``atol`` (relative to the layer's output scale).
     """
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an integer >= 1, got {align!r}")
     inputs = _as_tuple(example_inputs)
     original = model
     was_training = original.training
     original.eval()
     new = copy.deepcopy(original).eval()
+    plan = ChannelPlan()
+    if channels:
+        try:
+            plan, corrections = plan_channel_removal(new, _trials(inputs), _run, align=align)
+        except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
+            warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
+        else:
+            apply_channel_plan(new, plan, corrections)
+    setattr(new, _PLAN_ATTR, plan.to_dict())
     convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
     for name, conv in convs.items():
         if type(conv) is not nn.Conv2d:
@@ -125,7 +168,7 @@ def compact_with_info(
     finally:
         for h in hooks:
             h.remove()
-    result = CompactionResult(new)
+    result = CompactionResult(new, channels=plan)
     for name, conv in convs.items():
         rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
         if bool(rows.all()) and bool(cols.all()):
@@ -140,23 +183,24 @@ def compact_with_info(
         new.set_submodule(name, fast.eval())
         result.replaced[name] = fast.impl
     if verify:
-        result.max_abs_error = _verify(original, new, inputs, list(result.replaced), rtol, atol)
+        touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
+        order = [n for n, _ in original.named_modules() if n in touched]
+        result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
     original.train(was_training)
     return result
 
 
 def _verify(
-    original: nn.Module, new: nn.Module, inputs: tuple[Tensor, ...], replaced: list[str], rtol: float, atol: float
+    original: nn.Module,
+    new: nn.Module,
+    inputs: tuple[Tensor, ...],
+    touched: list[str],
+    out_keep: dict[str, list[int]],
+    rtol: float,
+    atol: float,
 ) -> float:
-    g = torch.Generator().manual_seed(0)
-    trials = [inputs] + [
-        tuple(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * t.std() + t.mean() for t in inputs)
-        if all(t.is_floating_point() for t in inputs)
-        else inputs
-        for _ in range(2)
-    ]
     worst = 0.0
-    for trial in trials:
+    for trial in _trials(inputs):
         a, b = _outputs(original, trial), _outputs(new, trial)
         bad = len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=False))
         for x, y in zip(a, b, strict=False):
@@ -167,11 +211,13 @@ def _verify(
             scale = float(x.abs().max()) if x.numel() else 0.0
             bad = bad or err > atol + rtol * scale
         if bad:
-            ref = _layer_outputs(original, replaced, trial)
-            got = _layer_outputs(new, replaced, trial)
-            for name in replaced:  # in module registration order
+            ref = _layer_outputs(original, touched, trial)
+            got = _layer_outputs(new, touched, trial)
+            for name in touched:  # in module registration order
                 want, have = ref.get(name), got.get(name)
-                if want is not None and have is not None:
+                if want is not None and name in out_keep:  # compare the channels that were kept
+                    want = want[:, out_keep[name]]
+                if want is not None and have is not None and want.shape == have.shape:
                     err = float((want - have).abs().max())
                     if err > atol + rtol * float(want.abs().max()):
                         raise CompactionError(f"compacted layer {name} differs from the original by {err:.3g}")
@@ -182,13 +228,14 @@ def _verify(
     return worst
 
 
-def compaction_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """A JSON-serializable description of every :class:`CompactConv2d` in ``model`` (layer name -> kept
-    rows / columns and implementation), enough to rebuild the module structure before loading weights."""
-    plan: dict[str, dict[str, Any]] = {}
+def compaction_plan(model: nn.Module) -> dict[str, Any]:
+    """A JSON-serializable description of how ``model`` was compacted: the channels each module keeps and every
+    :class:`CompactConv2d` (kept rows / columns, implementation). Enough to rebuild the module structure from a
+    freshly built model before loading the compacted weights (see :func:`apply_compaction_plan`)."""
+    convs: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, CompactConv2d):
-            plan[name] = {
+            convs[name] = {
                 "impl": mod.impl,
                 "compact_output": mod.compact_output,
                 "align": mod.align,
@@ -196,16 +243,26 @@ def compaction_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "col_idx": mod.col_idx.tolist(),
                 "col_ptr": mod.col_ptr.tolist(),
             }
-    return plan
+    channels = getattr(model, _PLAN_ATTR, None) or ChannelPlan().to_dict()
+    return {"version": PLAN_VERSION, "channels": copy.deepcopy(channels), "convs": convs}
 
 
-def apply_compaction_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace, in place, the ``nn.Conv2d`` layers named in ``plan`` by their :class:`CompactConv2d` form so that
-    a compacted ``state_dict`` loads (``torch.load(..., weights_only=True)`` then ``load_state_dict``).
+def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Give ``model`` (freshly built, same class and arguments as the one compacted) the structure in ``plan``, in
+    place, so that the compacted ``state_dict`` loads (``torch.load(..., weights_only=True)`` then
+    ``load_state_dict``): channels are sliced, then the named ``nn.Conv2d`` layers become :class:`CompactConv2d`.
 
+    Also accepts the version-1 plan (a mapping of conv name -> spec, convs only).
     Raises ``ValueError`` naming the layer when the model does not match the plan.
     """
-    for name, spec in plan.items():
+    if "version" not in plan:  # version 1: {conv name: spec}
+        plan = {"version": 1, "channels": ChannelPlan().to_dict(), "convs": plan}
+    if plan["version"] not in (1, PLAN_VERSION):
+        raise ValueError(f"compaction plan version {plan['version']!r} is not supported (this is version {PLAN_VERSION})")
+    channel_plan = ChannelPlan.from_dict(plan.get("channels", {}))
+    apply_channel_plan(model, channel_plan)
+    setattr(model, _PLAN_ATTR, channel_plan.to_dict())
+    for name, spec in plan.get("convs", {}).items():
         try:
             conv = model.get_submodule(name)
         except AttributeError as err:

@@ -58,6 +58,7 @@ class ChannelSpace:
     passthrough: list[str] = field(default_factory=list)
     consumers: list[tuple[str, int, int]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    mixing: list[str] = field(default_factory=list)  # ops that mix neighbouring channels (LRN): no removal
 
 
 @dataclass
@@ -72,6 +73,7 @@ class GraphAnalysis:
     depth_branches: list[list[str]]  # per residual add: weight modules of the branch side
     terminal_modules: set[str]  # weight modules whose output reaches the model output as channels
     unsupported: list[str]  # human-readable notes on what blocked analysis
+    multi_called: set[str] = field(default_factory=set)  # modules called more than once (shared weights)
 
 
 class _Analyzer:
@@ -107,6 +109,7 @@ class _Analyzer:
         sa.passthrough += sb.passthrough
         sa.consumers += sb.consumers
         sa.blocked += sb.blocked
+        sa.mixing += sb.mixing
 
     def space(self, i: int) -> ChannelSpace:
         return self.spaces[self.find(i)]
@@ -189,6 +192,11 @@ class _Analyzer:
                         self.space(sid).passthrough.append(name)
                     out = x
                 elif isinstance(mod, _PASS_MODULES) and isinstance(x, _Value):
+                    for sid, _ in x.segments:
+                        if isinstance(mod, nn.LocalResponseNorm):
+                            self.space(sid).mixing.append(name)
+                        elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+                            self.space(sid).passthrough.append(name)
                     out = x
                 elif isinstance(mod, nn.Flatten) and isinstance(x, _Value) and mod.start_dim == 1:
                     out = _Value(x.segments, flat=True)
@@ -217,7 +225,11 @@ class _Analyzer:
 
         roots = {self.find(i) for i in range(len(self.spaces))}
         spaces = [self.spaces[r] for r in sorted(roots) if self.spaces[r].producers]
-        return GraphAnalysis(spaces, depth, terminal, self.notes)
+        calls: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        return GraphAnalysis(spaces, depth, terminal, self.notes, {n for n, c in calls.items() if c > 1})
 
     def _function(self, node: fx.Node, args: list[object], x: object) -> object:
         target = node.target

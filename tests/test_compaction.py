@@ -98,13 +98,17 @@ def test_compacted_model_round_trips_through_state_dict_and_plan(tmp_path) -> No
     x = torch.randn(2, 3, 32, 32)
     fast = compact(model, x, measure=False)
     plan = json.loads(json.dumps(compaction_plan(fast)))  # the plan is plain JSON
-    assert plan and all(spec["impl"] in ("fused", "rows") for spec in plan.values())
+    assert plan["version"] == 2 and plan["convs"]
+    assert all(spec["impl"] in ("fused", "rows") for spec in plan["convs"].values())
+    assert plan["channels"]["out_keep"]  # zero filters coupled through BN / the next conv were removed
     torch.save(fast.state_dict(), tmp_path / "compact.pt")
     fresh = apply_compaction_plan(resnet20().eval(), plan)
     fresh.load_state_dict(torch.load(tmp_path / "compact.pt", weights_only=True), strict=True)
     torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)
     torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"compaction plan names 'blocks.99.conv1', which this model does not have"):
-        apply_compaction_plan(resnet20(), {"blocks.99.conv1": next(iter(plan.values()))})
+        apply_compaction_plan(resnet20(), {"blocks.99.conv1": next(iter(plan["convs"].values()))})  # version 1
     with pytest.raises(ValueError, match=r"compaction plan names 'fc', which is a Linear, not an nn.Conv2d"):
-        apply_compaction_plan(resnet20(), {"fc": next(iter(plan.values()))})
+        apply_compaction_plan(resnet20(), {"version": 2, "convs": {"fc": next(iter(plan["convs"].values()))}})
+    with pytest.raises(ValueError, match=r"version 7 is not supported"):
+        apply_compaction_plan(resnet20(), {"version": 7})

@@ -1,0 +1,312 @@
+"""Channel removal: physically drop channels that no longer carry information, across coupled layers.
+
+A *channel space* (from :mod:`ssl_lightning.graph`) is a set of channels that live together: the output
+rows of its producers (conv filters / Linear neurons + bias), one slice of each passthrough module
+(BatchNorm, depthwise conv, per-channel PReLU) and an input slice of each consumer (next conv, Linear
+after flatten, every branch joined by a residual add or laid side by side by a concat). Channel ``c``
+of a space is removed when every consumer can do without it:
+
+* the consumer's weight slice for ``c`` is all zero (channel-wise sparsity: the channel is ignored), or
+* the channel is *structurally constant* (every producer's row is zero, so only biases and shifts flow
+  on; a constant measured without that could be a ReLU that merely never fired on the examples) and the
+  value measured at the consumer's input is constant over the example inputs. The constant is then
+  folded into the consumer's bias: exactly for a Linear (one value per flattened position is allowed)
+  and for a conv without zero padding. Behind zero padding a constant reaches border outputs only
+  through the in-bounds taps, so a padded conv keeps a channel whose constant is not zero.
+
+Spaces that reach the model output or input, pass an op the analysis does not follow, pass a
+channel-mixing op (LRN) or touch a module called twice are left alone. The plan is plain data
+(:class:`ChannelPlan`), so the same slicing rebuilds a compacted model's structure before loading its
+weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ssl_lightning.graph import ChannelSpace, analyze
+
+__all__ = ["ChannelPlan", "apply_channel_plan", "plan_channel_removal"]
+
+
+@dataclass
+class ChannelPlan:
+    """Which channels each module keeps, as index lists into its original channels.
+
+    out_keep: producer / passthrough modules -> kept output channels (conv filters, Linear neurons, BN channels).
+    in_keep: consumers -> kept input channels (conv) or input features (Linear).
+    folds: consumers whose bias receives folded constants (a bias is created when the module had none).
+    kept_constant: notes on channels that could not be folded (padded consumer), for the report.
+    """
+
+    out_keep: dict[str, list[int]] = field(default_factory=dict)
+    in_keep: dict[str, list[int]] = field(default_factory=dict)
+    folds: list[str] = field(default_factory=list)
+    kept_constant: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # spaces left whole, with the reason
+
+    def to_dict(self) -> dict[str, object]:
+        return {"out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ChannelPlan:
+        out_keep = d.get("out_keep", {})
+        in_keep = d.get("in_keep", {})
+        folds = d.get("folds", [])
+        if not (isinstance(out_keep, dict) and isinstance(in_keep, dict) and isinstance(folds, list)):
+            raise ValueError("channel plan needs 'out_keep' and 'in_keep' mappings and a 'folds' list")
+        return cls({str(k): list(v) for k, v in out_keep.items()}, {str(k): list(v) for k, v in in_keep.items()},
+                   [str(f) for f in folds])  # fmt: skip
+
+
+def _rows_zero(mod: nn.Module) -> Tensor | None:
+    """[out] bool: producer rows whose weights are all zero (bias may be anything)."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, Tensor):
+        return None
+    return (w.detach().reshape(w.shape[0], -1) == 0).all(1)
+
+
+def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor:
+    """[size] bool: consumer ignores the channel (its input-weight slice is all zero)."""
+    w = mod.weight.detach()  # type: ignore[union-attr]
+    if isinstance(mod, nn.Conv2d):
+        return (w[:, off : off + size] == 0).flatten(2).all(2).all(0)
+    return (w[:, off * hw : (off + size) * hw].reshape(w.shape[0], size, hw) == 0).all(2).all(0)
+
+
+def _capture_inputs(
+    model: nn.Module, names: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
+) -> dict[str, list[Tensor]]:
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    mods = dict(model.named_modules())
+    hooks = [
+        mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names
+    ]
+    try:
+        for trial in trials:
+            run(model, trial)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def plan_channel_removal(
+    model: nn.Module,
+    trials: Sequence[tuple[Tensor, ...]],
+    run: Callable[..., object],
+    *,
+    align: int = 1,
+    rtol: float = 1e-6,
+) -> tuple[ChannelPlan, dict[str, Tensor]]:
+    """Decide which channels ``model`` (in eval mode) can lose, and the bias corrections that keep outputs equal.
+
+    trials: input tuples for measuring constant channels (``run(model, trial)`` runs the model on one).
+    align: round every space's kept channel count up to a multiple of this (keeping the removable
+    channels with the largest weights), since oneDNN/cuDNN run slower on odd channel counts.
+    Returns the plan and, per folded consumer, the bias correction [out] to add.
+    """
+    if align < 1:
+        raise ValueError(f"align must be an integer >= 1, got {align!r}")
+    analysis = analyze(model)
+    modules = dict(model.named_modules())
+    plan = ChannelPlan()
+    consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
+    measured = _capture_inputs(model, consumers, trials, run)
+    corrections: dict[str, Tensor] = {}
+    in_masks: dict[str, Tensor] = {}
+    for sp in analysis.spaces:
+        reason = _skip_reason(sp, analysis.multi_called, modules)
+        if reason:
+            plan.skipped.append(f"{'/'.join(sp.producers)}: {reason}")
+            continue
+        assert sp.size is not None
+        n = sp.size
+        constant = torch.ones(n, dtype=torch.bool)  # structurally constant (input-independent)
+        for name in sp.producers:
+            zero = _rows_zero(modules[name])
+            constant &= zero if zero is not None else torch.zeros(n, dtype=torch.bool)
+        removable = torch.ones(n, dtype=torch.bool)
+        folds: list[tuple[str, int, int, Tensor]] = []  # consumer, off, hw, values [n, hw] (nan: not constant)
+        for name, off, hw in sp.consumers:
+            mod = modules[name]
+            ignored = _consumer_slice_zero(mod, off, n, hw)
+            values = _constant_values(measured[name], mod, off, n, hw, rtol)  # [n, hw], nan where not constant
+            ok = torch.isfinite(values).all(1) & constant
+            if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and _has_padding(mod):
+                nonzero = ok & (values != 0).any(1) & ~ignored
+                for c in nonzero.nonzero().flatten().tolist():
+                    plan.kept_constant.append(f"{name} input channel {off + c}: constant {float(values[c, 0]):.3g} "
+                                              "behind zero padding")  # fmt: skip
+                ok &= ~nonzero
+            removable &= ignored | ok
+            folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
+        removable = _align(removable, sp, modules, align)
+        if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
+            removable[0] = False
+        if not removable.any():
+            continue
+        keep = (~removable).nonzero().flatten()
+        for name in sp.producers + sp.passthrough:
+            plan.out_keep[name] = keep.tolist()
+        for name, off, hw, values in folds:
+            mod = modules[name]
+            width = mod.weight.shape[1]  # type: ignore[union-attr,index]
+            mask = in_masks.setdefault(name, torch.ones(width, dtype=torch.bool))
+            gone = removable.nonzero().flatten()
+            if isinstance(mod, nn.Conv2d):
+                mask[off + gone] = False
+                w = mod.weight.detach()[:, off + gone].sum((2, 3))  # [out, removed]
+                corr = w @ values[gone, 0].to(w.dtype)
+            else:
+                feats = ((off + gone)[:, None] * hw + torch.arange(hw)).flatten()
+                mask[feats] = False
+                w = mod.weight.detach()[:, feats]  # type: ignore[index]
+                corr = w @ values[gone].flatten().to(w.dtype)
+            if bool((corr != 0).any()):
+                corrections[name] = corrections.get(name, torch.zeros_like(corr)) + corr
+    for name, mask in in_masks.items():
+        plan.in_keep[name] = mask.nonzero().flatten().tolist()
+    plan.folds = sorted(corrections)
+    return plan, corrections
+
+
+def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module]) -> str:
+    if sp.blocked:
+        return f"blocked by {sp.blocked[0]}"
+    if sp.mixing:
+        return f"channel-mixing op {sp.mixing[0]}"
+    names = sp.producers + sp.passthrough + [c for c, _, _ in sp.consumers]
+    shared = sorted(set(names) & multi)
+    if shared:
+        return f"{shared[0]} is called more than once"
+    for name in names:
+        mod = modules[name]
+        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU) and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            return f"{name} is a {type(mod).__name__}"
+    return ""
+
+
+def _has_padding(conv: nn.Conv2d) -> bool:
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
+    return any(p > 0 for p in conv.padding)
+
+
+def _constant_values(seen: list[Tensor], mod: nn.Module, off: int, n: int, hw: int, rtol: float) -> Tensor:
+    """[n, hw] per-channel (per flattened position for a Linear) value, nan where it varies over the inputs."""
+    parts = []
+    for x in seen:
+        if isinstance(mod, nn.Conv2d):  # [N, C, H, W] -> [n, N*H*W] (a conv folds one value per channel)
+            parts.append(x[:, off : off + n].transpose(0, 1).reshape(n, 1, -1))
+        else:  # [N, F] -> [n, hw, N]
+            parts.append(x[:, off * hw : (off + n) * hw].reshape(-1, n, hw).permute(1, 2, 0))
+    if not parts:  # never reached by the inputs: nothing can be measured
+        return torch.full((n, hw), float("nan"))
+    v = torch.cat(parts, -1).float()
+    lo, hi = v.amin(-1), v.amax(-1)
+    tol = rtol * torch.maximum(lo.abs(), hi.abs()) + 1e-30
+    mean = v.mean(-1)
+    return torch.where(hi - lo <= tol, mean, torch.full_like(mean, float("nan")))
+
+
+def _align(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module], align: int) -> Tensor:
+    n = removable.numel()
+    kept = int((~removable).sum())
+    target = min(n, -(-max(kept, 1) // align) * align)
+    if target <= kept:
+        return removable
+    score = torch.zeros(n)  # bring back the removable channels with the largest producer weights
+    for name in sp.producers:
+        w = modules[name].weight.detach()  # type: ignore[union-attr]
+        score += w.reshape(n, -1).float().norm(dim=1)
+    score[~removable] = -1
+    back = score.argsort(descending=True, stable=True)[: target - kept]
+    out = removable.clone()
+    out[back] = False
+    return out
+
+
+def _param(t: Tensor, like: nn.Parameter | Tensor) -> nn.Parameter:
+    return nn.Parameter(t.clone(), requires_grad=like.requires_grad)
+
+
+def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[str, Tensor] | None = None) -> None:
+    """Slice, in place, every module named in ``plan``; add ``corrections`` to the consumers' biases.
+
+    Without ``corrections`` the folded biases are created with zeros (their values come from a state_dict).
+    Raises ``ValueError`` naming the module when the model does not fit the plan.
+    """
+    modules = dict(model.named_modules())
+    for name in set(plan.out_keep) | set(plan.in_keep) | set(plan.folds):
+        if name not in modules:
+            raise ValueError(f"channel plan names {name!r}, which this model does not have")
+    with torch.no_grad():
+        for name in plan.folds:  # before slicing: corrections are indexed by the original output channels
+            mod = modules[name]
+            if getattr(mod, "bias", None) is None:
+                w = mod.weight  # type: ignore[union-attr]
+                mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))  # type: ignore[union-attr]
+            if corrections is not None and name in corrections:
+                mod.bias += corrections[name].to(mod.bias)  # type: ignore[operator,union-attr]
+        for name, keep_list in plan.out_keep.items():
+            _slice_out(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
+        for name, keep_list in plan.in_keep.items():
+            _slice_in(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
+
+
+def _check_index(name: str, keep: Tensor, size: int) -> None:
+    if keep.numel() and (int(keep.max()) >= size or int(keep.min()) < 0):
+        raise ValueError(f"channel plan for {name!r} keeps index {int(keep.max())}, but it has only {size}")
+
+
+def _slice_out(name: str, mod: nn.Module, keep: Tensor) -> None:
+    if isinstance(mod, nn.Conv2d):
+        _check_index(name, keep, mod.out_channels)
+        depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
+        mod.weight = _param(mod.weight[keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias[keep], mod.bias)
+        mod.out_channels = keep.numel()
+        if depthwise:
+            mod.in_channels = mod.groups = keep.numel()
+    elif isinstance(mod, nn.Linear):
+        _check_index(name, keep, mod.out_features)
+        mod.weight = _param(mod.weight[keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias[keep], mod.bias)
+        mod.out_features = keep.numel()
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        _check_index(name, keep, mod.num_features)
+        if mod.weight is not None:
+            mod.weight = _param(mod.weight[keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias[keep], mod.bias)
+        if mod.running_mean is not None and mod.running_var is not None:
+            mod.running_mean = mod.running_mean[keep].clone()
+            mod.running_var = mod.running_var[keep].clone()
+        mod.num_features = keep.numel()
+    elif isinstance(mod, nn.PReLU):
+        _check_index(name, keep, mod.num_parameters)
+        mod.weight = _param(mod.weight[keep], mod.weight)
+        mod.num_parameters = keep.numel()
+    else:
+        raise ValueError(f"channel plan slices {name!r}, a {type(mod).__name__}; only Conv2d, Linear, BN and PReLU")
+
+
+def _slice_in(name: str, mod: nn.Module, keep: Tensor) -> None:
+    if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+        _check_index(name, keep, mod.in_channels)
+        mod.weight = _param(mod.weight[:, keep], mod.weight)
+        mod.in_channels = keep.numel()
+    elif isinstance(mod, nn.Linear):
+        _check_index(name, keep, mod.in_features)
+        mod.weight = _param(mod.weight[:, keep], mod.weight)
+        mod.in_features = keep.numel()
+    else:
+        raise ValueError(f"channel plan slices the input of {name!r}, a {type(mod).__name__}; only Conv2d and Linear")

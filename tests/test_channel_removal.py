@@ -1,0 +1,264 @@
+"""compact() removes channels across coupled layers, folds constants exactly and drops the expected parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_lightning import compact_with_info
+from ssl_lightning.models import MLP, LeNet, resnet20
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def compact_exact(model: nn.Module, x: Tensor, **kw: object):  # type: ignore[no-untyped-def]
+    """Compact with exact channel counts (align=1), check outputs, return the result."""
+    model.eval()
+    info = compact_with_info(model, x, measure=False, align=1, **kw)  # type: ignore[arg-type]
+    for trial in (x, torch.randn_like(x), torch.randn_like(x) * 3):
+        with torch.no_grad():
+            assert rel_err(model(trial), info.model(trial)) <= 1e-5
+    return info
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.2, generator=g)
+                m.running_mean.normal_(0, 0.2, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+
+
+def zero_filter(conv: nn.Conv2d | nn.Linear, idx: list[int], bn: nn.BatchNorm2d | None = None) -> None:
+    """Zero filters (rows); with ``bn`` also its channel's scale and shift, as coupled SSL groups do."""
+    with torch.no_grad():
+        conv.weight[idx] = 0
+        if bn is not None:
+            bn.weight[idx] = 0
+            bn.bias[idx] = 0
+
+
+class ConvBNChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_conv_bn_chain_removes_coupled_channels_and_folds_into_linear() -> None:
+    torch.manual_seed(0)
+    m = ConvBNChain()
+    randomize_bn(m)
+    zero_filter(m.conv1, [1, 4, 9], m.bn1)  # coupled group: outputs exactly 0 -> removable behind padding
+    with torch.no_grad():
+        m.conv1.weight[6] = 0  # filter zero but BN shift not: a nonzero constant behind conv2's zero padding
+        m.bn1.bias[6] = 0.7
+        m.bn1.running_mean[6] = 0.0
+        m.conv2.weight[:, 12] = 0  # channel-wise sparsity: conv2 ignores channel 12 (its filter is not zero)
+    zero_filter(m.conv2, [0, 3, 5, 30])  # bias and BN shift stay: constant, folded into fc's bias
+    info = compact_exact(m, torch.randn(2, 3, 16, 16))
+    out = info.model
+    removed1, removed2 = 4, 4  # conv1: {1, 4, 9, 12}; channel 6 kept (padded consumer); conv2: {0, 3, 5, 30}
+    expected = (
+        removed1 * (3 * 9 + 2 + 32 * 9)  # conv1 filters, BN1 affine, conv2 input channels
+        + removed2 * ((16 - removed1) * 9 + 1 + 2 + 10)  # conv2 filters + bias, BN2 affine, fc input features
+        + 3 * 9  # the kept zero filter 6 is skipped by conv1's row-only CompactConv2d
+    )
+    assert n_params(m) - n_params(out) == expected
+    assert out.conv1.out_channels == 12 and out.conv1.impl == "rows" and out.bn1.num_features == 12 and out.conv2.in_channels == 12
+    assert out.fc.in_features == 28
+    assert any("conv2 input channel 6" in note for note in info.channels.kept_constant)
+    assert info.channels.folds == ["fc"]
+
+
+def test_lenet_and_mlp_remove_neurons_and_fold_constants() -> None:
+    torch.manual_seed(1)
+    lenet = LeNet()
+    with torch.no_grad():
+        lenet.conv1.weight[[0, 7, 11]] = 0  # bias stays: max-pooled constant folded into conv2's bias (no padding)
+        lenet.conv2.weight[[2, 3]] = 0  # flattened constant planes folded into fc1's bias
+        lenet.fc1.weight[:, 50:66] = 0  # all of conv2 channel 3's 16 positions ignored (already removed)
+        lenet.fc1.weight[[10, 20]] = 0  # neurons whose ReLU(bias) folds into fc2
+    info = compact_exact(lenet, torch.randn(3, 1, 28, 28))
+    expected = (
+        3 * (25 + 1) + 3 * 50 * 25  # conv1 filters, conv2 input channels
+        + 2 * (17 * 25 + 1) + 2 * 16 * 500  # conv2 filters, fc1 input features
+        + 2 * (768 + 1) + 2 * 10  # fc1 neurons (768 = 800 - 2 * 16 features), fc2 inputs
+    )  # fmt: skip
+    assert n_params(lenet) - n_params(info.model) == expected
+    assert sorted(info.channels.folds) == ["conv2", "fc1", "fc2"]
+
+    mlp = MLP((20, 16, 12, 4))
+    with torch.no_grad():
+        mlp.layers[0].weight[[1, 2]] = 0  # dead neurons with a bias: folded
+        mlp.layers[1].weight[:, 5] = 0  # neuron 5 ignored by its consumer (its own weights stay nonzero)
+        mlp.layers[1].weight[[0]] = 0
+    info = compact_exact(mlp, torch.randn(5, 20))
+    expected = 3 * (20 + 1) + 3 * 12 + 1 * (13 + 1) + 1 * 4
+    assert n_params(mlp) - n_params(info.model) == expected
+    assert [layer.out_features for layer in info.model.layers] == [13, 11, 4]
+
+
+def test_resnet_blocks_remove_filters_shapes_and_residual_channels() -> None:
+    torch.manual_seed(2)
+    m = resnet20()
+    randomize_bn(m, 2)
+    blocks = m.blocks
+    zero_filter(blocks[0].conv1, [0, 5], blocks[0].bn1)  # identity-shortcut block, inner channels
+    zero_filter(blocks[3].conv1, [1, 2, 3], blocks[3].bn1)  # projection-shortcut block
+    with torch.no_grad():
+        blocks[4].conv2.weight[:, :, :2, :] = 0  # shape-wise: two rows of every 3x3 kernel -> fused CompactConv2d
+    # Residual channel 7 of stage 1: zero on every branch that feeds it (stem, three conv2, all BNs).
+    zero_filter(m.conv1, [7], m.bn1)
+    for b in blocks[:3]:
+        zero_filter(b.conv2, [7], b.bn2)
+    # Residual channel 9 is zero on the stem and two branches but not on blocks[2]: it must stay.
+    zero_filter(m.conv1, [9], m.bn1)
+    for b in blocks[:2]:
+        zero_filter(b.conv2, [9], b.bn2)
+    info = compact_exact(m, torch.randn(2, 3, 32, 32))
+    out = info.model
+    assert out.bn1.num_features == 15 and out.blocks[2].bn2.num_features == 15  # stage-1 stream: 16 -> 15
+    assert out.blocks[3].shortcut[0].in_channels == 15  # the projection shortcut reads the smaller stream
+    assert out.blocks[0].conv1.out_channels == 14 and out.blocks[3].conv1.out_channels == 29
+    assert type(out.blocks[4].conv2).__name__ == "CompactConv2d" and out.blocks[4].conv2.impl == "fused"
+    expected = (
+        27 + 2  # stem filter 7 + BN
+        + (16 * 16 - 14 * 15) * 9 + 4 + (16 * 16 - 15 * 14) * 9 + 2  # block 0: inner 16->14, stream 16->15
+        + 2 * (16 * 9 + 16 * 9 + 2)  # blocks 1, 2: stream input of conv1, stream filter of conv2 + BN
+        + (32 * 16 - 29 * 15) * 9 + 6 + 3 * 32 * 9 + 32  # block 3: conv1 + BN, conv2 inputs, 1x1 projection input
+        + 32 * 32 * 6  # block 4 conv2: the fused op stores only 3 of 9 taps
+        + 3 * 9 + 14 * 9 + 16 * 9  # zero filter 9 (kept channel) skipped by row-only stem/block-0/1 convs
+    )  # fmt: skip
+    assert n_params(m) - n_params(out) == expected
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.dw_bn(self.dw(x)))
+        x = F.relu(self.pw(x))
+        return self.head(x.mean((2, 3)))
+
+
+def test_depthwise_separable_block_slices_depthwise_and_folds_into_pointwise() -> None:
+    torch.manual_seed(3)
+    m = DepthwiseSeparable()
+    randomize_bn(m, 3)
+    zero_filter(m.conv, [2, 8, 13], m.bn)  # 0 through the depthwise conv, then dw_bn's shift: a constant
+    info = compact_exact(m, torch.randn(2, 3, 12, 12))
+    out = info.model
+    assert out.dw.groups == out.dw.in_channels == out.dw.out_channels == 13 and out.dw_bn.num_features == 13
+    assert n_params(m) - n_params(out) == 3 * (27 + 2 + 9 + 2 + 24)
+    assert info.channels.folds == ["pw"]  # pw is 1x1 without padding: the constant goes into its bias
+
+
+class ConcatJoin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 1)
+        self.mix = nn.Conv2d(14, 10, 1)
+        self.fc = nn.Linear(10 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([F.relu(self.a(x)), torch.sigmoid(self.b(x))], dim=1)
+        y = F.max_pool2d(F.relu(self.mix(y)), 2)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_concat_join_maps_each_branch_to_its_offset() -> None:
+    torch.manual_seed(4)
+    m = ConcatJoin()
+    zero_filter(m.a, [1, 6])
+    zero_filter(m.b, [0, 4])  # sigmoid(bias): a constant, folded into the 1x1 mix conv
+    zero_filter(m.mix, [3])  # flattened constant plane folded into fc
+    info = compact_exact(m, torch.randn(2, 4, 8, 8))
+    out = info.model
+    assert out.mix.in_channels == 10 and out.a.out_channels == 6 and out.b.out_channels == 4
+    expected = 2 * (36 + 1) + 2 * (4 + 1) + 4 * 10 + (10 + 1) + 16 * 3
+    assert n_params(m) - n_params(out) == expected
+
+
+class ConvFlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.conv(x)).view(x.size(0), -1))
+
+
+def test_conv_flatten_linear_maps_spatial_positions() -> None:
+    torch.manual_seed(5)
+    m = ConvFlattenLinear()
+    zero_filter(m.conv, [0, 3, 7])
+    with torch.no_grad():
+        m.fc.weight[:, 36 * 5 : 36 * 6] = 0  # channel 5's 36 positions ignored by fc
+    info = compact_exact(m, torch.randn(2, 3, 8, 8))
+    assert info.model.fc.in_features == 4 * 36
+    assert n_params(m) - n_params(info.model) == 4 * (27 + 1) + 4 * 36 * 4
+
+
+@pytest.mark.parametrize("align", [4, 8])
+def test_alignment_rounds_kept_channels_up(align: int) -> None:
+    torch.manual_seed(6)
+    m = ConvBNChain()
+    randomize_bn(m)
+    zero_filter(m.conv2, list(range(0, 32, 3)))  # 11 of 32 removable -> 21 kept
+    m.eval()
+    info = compact_with_info(m, torch.randn(2, 3, 16, 16), measure=False, align=align)
+    assert info.model.conv2.out_channels == 24  # next multiple of 4 and of 8
+    assert info.model.fc.in_features == 24
+
+
+def test_mixed_branch_channel_and_shared_module_are_kept() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(self.conv(self.conv(x)).mean((2, 3)))
+
+    m = Shared()
+    zero_filter(m.conv, [1])
+    info = compact_exact(m, torch.randn(2, 4, 5, 5))
+    assert info.model.conv.out_channels == 4 and any("called more than once" in s for s in info.channels.skipped)
+
+
+def test_lrn_blocks_channel_removal() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(3), nn.Conv2d(8, 4, 3))
+    zero_filter(m[0], [2])
+    info = compact_exact(m, torch.randn(2, 3, 9, 9))
+    assert info.model[0].out_channels == 8 and any("channel-mixing" in s for s in info.channels.skipped)
