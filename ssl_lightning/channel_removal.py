@@ -63,6 +63,13 @@ class ChannelPlan:
                    [str(f) for f in folds])  # fmt: skip
 
 
+def _weight(mod: nn.Module) -> Tensor:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(mod).__name__} has no weight tensor")
+    return w.detach()
+
+
 def _rows_zero(mod: nn.Module) -> Tensor | None:
     """[out] bool: producer rows whose weights are all zero (bias may be anything)."""
     w = getattr(mod, "weight", None)
@@ -73,7 +80,7 @@ def _rows_zero(mod: nn.Module) -> Tensor | None:
 
 def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor:
     """[size] bool: consumer ignores the channel (its input-weight slice is all zero)."""
-    w = mod.weight.detach()  # type: ignore[union-attr]
+    w = _weight(mod)
     if isinstance(mod, nn.Conv2d):
         return (w[:, off : off + size] == 0).flatten(2).all(2).all(0)
     return (w[:, off * hw : (off + size) * hw].reshape(w.shape[0], size, hw) == 0).all(2).all(0)
@@ -84,9 +91,7 @@ def _capture_inputs(
 ) -> dict[str, list[Tensor]]:
     seen: dict[str, list[Tensor]] = {n: [] for n in names}
     mods = dict(model.named_modules())
-    hooks = [
-        mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names
-    ]
+    hooks = [mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
     try:
         for trial in trials:
             run(model, trial)
@@ -156,17 +161,17 @@ def plan_channel_removal(
             plan.out_keep[name] = keep.tolist()
         for name, off, hw, values in folds:
             mod = modules[name]
-            width = mod.weight.shape[1]  # type: ignore[union-attr,index]
+            width = _weight(mod).shape[1]
             mask = in_masks.setdefault(name, torch.ones(width, dtype=torch.bool))
             gone = removable.nonzero().flatten()
             if isinstance(mod, nn.Conv2d):
                 mask[off + gone] = False
-                w = mod.weight.detach()[:, off + gone].sum((2, 3))  # [out, removed]
+                w = _weight(mod)[:, off + gone].sum((2, 3))  # [out, removed]
                 corr = w @ values[gone, 0].to(w.dtype)
             else:
                 feats = ((off + gone)[:, None] * hw + torch.arange(hw)).flatten()
                 mask[feats] = False
-                w = mod.weight.detach()[:, feats]  # type: ignore[index]
+                w = _weight(mod)[:, feats]
                 corr = w @ values[gone].flatten().to(w.dtype)
             if bool((corr != 0).any()):
                 corrections[name] = corrections.get(name, torch.zeros_like(corr)) + corr
@@ -186,7 +191,9 @@ def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module
     if shared:
         return f"{shared[0]} is called more than once"
     for name in names:
-        mod = modules[name]
+        mod = modules.get(name)
+        if mod is None:  # a per-channel constant buffer (depth removal), sliced along dim 1
+            continue
         if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU) and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return f"{name} is a {type(mod).__name__}"
     return ""
@@ -223,7 +230,7 @@ def _align(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module], a
         return removable
     score = torch.zeros(n)  # bring back the removable channels with the largest producer weights
     for name in sp.producers:
-        w = modules[name].weight.detach()  # type: ignore[union-attr]
+        w = _weight(modules[name])
         score += w.reshape(n, -1).float().norm(dim=1)
     score[~removable] = -1
     back = score.argsort(descending=True, stable=True)[: target - kept]
@@ -244,20 +251,38 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
     """
     modules = dict(model.named_modules())
     for name in set(plan.out_keep) | set(plan.in_keep) | set(plan.folds):
-        if name not in modules:
+        if name not in modules and not (name in plan.out_keep and isinstance(_buffer(model, name), Tensor)):
             raise ValueError(f"channel plan names {name!r}, which this model does not have")
     with torch.no_grad():
         for name in plan.folds:  # before slicing: corrections are indexed by the original output channels
             mod = modules[name]
-            if getattr(mod, "bias", None) is None:
-                w = mod.weight  # type: ignore[union-attr]
-                mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))  # type: ignore[union-attr]
+            if not isinstance(mod, nn.Conv2d | nn.Linear):
+                raise ValueError(f"channel plan folds a constant into {name!r}, a {type(mod).__name__}")
+            if mod.bias is None:
+                w = mod.weight
+                mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
             if corrections is not None and name in corrections:
-                mod.bias += corrections[name].to(mod.bias)  # type: ignore[operator,union-attr]
+                mod.bias += corrections[name].to(mod.bias)
         for name, keep_list in plan.out_keep.items():
-            _slice_out(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
+            keep = torch.tensor(keep_list, dtype=torch.long)
+            if name in modules:
+                _slice_out(name, modules[name], keep)
+            else:  # constant buffer [1, C, 1, ...] of a rewritten block
+                parent, _, attr = name.rpartition(".")
+                owner = model.get_submodule(parent)
+                buf = getattr(owner, attr)
+                _check_index(name, keep, buf.shape[1])
+                setattr(owner, attr, buf[:, keep].clone())
         for name, keep_list in plan.in_keep.items():
             _slice_in(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
+
+
+def _buffer(model: nn.Module, name: str) -> object:
+    parent, _, attr = name.rpartition(".")
+    try:
+        return getattr(model.get_submodule(parent), attr, None)
+    except AttributeError:
+        return None
 
 
 def _check_index(name: str, keep: Tensor, size: int) -> None:

@@ -1,7 +1,9 @@
 """Compaction: turn learned zero groups into a smaller, faster model, equivalence-checked.
 
-Two stages on a deep copy of the model (the original is untouched):
+Stages, on a deep copy of the model (the original is untouched):
 
+0. depth removal (:mod:`ssl_lightning.depth_removal`): a residual branch whose weights are all zero is
+   cut out of its block, its constant output kept as a per-channel buffer;
 1. channel removal (:mod:`ssl_lightning.channel_removal`): channels that every consumer ignores or that
    are a foldable constant are sliced out of their producers, BN / depthwise / PReLU layers and
    consumers, across residual adds, concatenations and flatten→Linear, with the constants folded into
@@ -28,10 +30,11 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compact_conv import CompactConv2d
+from ssl_lightning.depth_removal import apply_depth_plan, plan_and_remove_depth
 from ssl_lightning.ops import lowered_nonzero
 
 PLAN_VERSION = 2
-_PLAN_ATTR = "_ssl_lightning_channel_plan"  # the channel plan rides on the compacted model (kept by deepcopy)
+_PLAN_ATTR = "_ssl_lightning_plan"  # depth + channel plan ride on the compacted model (kept by deepcopy)
 
 __all__ = [
     "CompactionError",
@@ -53,6 +56,8 @@ class CompactionResult:
     replaced: dict[str, str] = field(default_factory=dict)  # layer name -> implementation chosen
     kept_dense: list[str] = field(default_factory=list)  # sparse layers where the dense conv was fastest
     channels: ChannelPlan = field(default_factory=ChannelPlan)  # channels removed per module
+    depth: list[dict[str, Any]] = field(default_factory=list)  # residual branches cut out
+    notes: list[str] = field(default_factory=list)  # what was found removable but kept, and why
     max_abs_error: float = 0.0
 
 
@@ -86,7 +91,9 @@ def _layer_outputs(model: nn.Module, names: Sequence[str], inputs: tuple[Tensor,
     out: dict[str, Tensor] = {}
     mods = dict(model.named_modules())
     hooks = [
-        mods[n].register_forward_hook(lambda _m, _i, y, n=n: out.__setitem__(n, y.detach().clone())) for n in names
+        mods[n].register_forward_hook(lambda _m, _i, y, n=n: out.__setitem__(n, y.detach().clone()))
+        for n in names
+        if n in mods  # a module of a removed branch is gone
     ]
     try:
         _outputs(model, inputs)
@@ -142,14 +149,19 @@ def compact_with_info(
     original.eval()
     new = copy.deepcopy(original).eval()
     plan = ChannelPlan()
+    depth: list[dict[str, Any]] = []
+    notes: list[str] = []
     if channels:
+        trials = _trials(inputs)
+        depth, notes = plan_and_remove_depth(new, trials, _run)
         try:
-            plan, corrections = plan_channel_removal(new, _trials(inputs), _run, align=align)
+            plan, corrections = plan_channel_removal(new, trials, _run, align=align)
         except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
             warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
         else:
             apply_channel_plan(new, plan, corrections)
-    setattr(new, _PLAN_ATTR, plan.to_dict())
+            notes += plan.kept_constant
+    setattr(new, _PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
     convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
     for name, conv in convs.items():
         if type(conv) is not nn.Conv2d:
@@ -168,7 +180,7 @@ def compact_with_info(
     finally:
         for h in hooks:
             h.remove()
-    result = CompactionResult(new, channels=plan)
+    result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
     for name, conv in convs.items():
         rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
         if bool(rows.all()) and bool(cols.all()):
@@ -243,14 +255,20 @@ def compaction_plan(model: nn.Module) -> dict[str, Any]:
                 "col_idx": mod.col_idx.tolist(),
                 "col_ptr": mod.col_ptr.tolist(),
             }
-    channels = getattr(model, _PLAN_ATTR, None) or ChannelPlan().to_dict()
-    return {"version": PLAN_VERSION, "channels": copy.deepcopy(channels), "convs": convs}
+    stored = getattr(model, _PLAN_ATTR, None) or {}
+    return {
+        "version": PLAN_VERSION,
+        "depth": copy.deepcopy(stored.get("depth", [])),
+        "channels": copy.deepcopy(stored.get("channels", ChannelPlan().to_dict())),
+        "convs": convs,
+    }
 
 
 def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     """Give ``model`` (freshly built, same class and arguments as the one compacted) the structure in ``plan``, in
     place, so that the compacted ``state_dict`` loads (``torch.load(..., weights_only=True)`` then
-    ``load_state_dict``): channels are sliced, then the named ``nn.Conv2d`` layers become :class:`CompactConv2d`.
+    ``load_state_dict``): zero residual branches are cut out, channels are sliced, then the named ``nn.Conv2d``
+    layers become :class:`CompactConv2d`.
 
     Also accepts the version-1 plan (a mapping of conv name -> spec, convs only).
     Raises ``ValueError`` naming the layer when the model does not match the plan.
@@ -258,10 +276,14 @@ def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     if "version" not in plan:  # version 1: {conv name: spec}
         plan = {"version": 1, "channels": ChannelPlan().to_dict(), "convs": plan}
     if plan["version"] not in (1, PLAN_VERSION):
-        raise ValueError(f"compaction plan version {plan['version']!r} is not supported (this is version {PLAN_VERSION})")
+        raise ValueError(
+            f"compaction plan version {plan['version']!r} is not supported (this is version {PLAN_VERSION})"
+        )
+    depth = list(plan.get("depth", []))
+    apply_depth_plan(model, depth)
     channel_plan = ChannelPlan.from_dict(plan.get("channels", {}))
     apply_channel_plan(model, channel_plan)
-    setattr(model, _PLAN_ATTR, channel_plan.to_dict())
+    setattr(model, _PLAN_ATTR, {"depth": depth, "channels": channel_plan.to_dict()})
     for name, spec in plan.get("convs", {}).items():
         try:
             conv = model.get_submodule(name)

@@ -68,6 +68,12 @@ class _Value:
 
 
 @dataclass
+class _Attr:
+    target: str  # a tensor attribute (get_attr), e.g. a folded constant of shape [1, C, 1, 1]
+    shape: tuple[int, ...]
+
+
+@dataclass
 class GraphAnalysis:
     spaces: list[ChannelSpace]  # one per union-find root that holds at least one parameter slice
     depth_branches: list[list[str]]  # per residual add: weight modules of the branch side
@@ -161,6 +167,9 @@ class _Analyzer:
             x = args[0] if args else None
             if node.op == "placeholder":
                 out = _Value([(self.new_space(None, "model input"), None)])
+            elif node.op == "get_attr":
+                attr = _get_attr(self.gm, str(node.target))
+                out = _Attr(str(node.target), tuple(attr.shape)) if isinstance(attr, torch.Tensor) else None
             elif node.op == "call_module":
                 mod = self.modules[node.target]
                 name = str(node.target)
@@ -240,6 +249,15 @@ class _Analyzer:
             return x if isinstance(x, _Value) else None
         if (is_fn and target in _BINARY) or (not is_fn and target in _BINARY_METHODS):
             tensors = [a for a in args[:2] if isinstance(a, _Value)]
+            attrs = [a for a in args[:2] if isinstance(a, _Attr)]
+            if len(tensors) == 1 and attrs:  # a per-channel constant [1, C, 1, ...] is sliced with its channels
+                v, attr = tensors[0], attrs[0]
+                per_channel = len(attr.shape) >= 2 and attr.shape[0] == 1 and all(d == 1 for d in attr.shape[2:])
+                if per_channel and len(v.segments) == 1 and v.segments[0][1] == attr.shape[1] and not v.flat:
+                    self.space(v.segments[0][0]).passthrough.append(attr.target)
+                elif any(d != 1 for d in attr.shape):
+                    self.block(v, f"{node.name}: operand {attr.target} with shape {list(attr.shape)}")
+                return v
             if len(tensors) == 1:
                 return tensors[0]
             if len(tensors) == 2:
@@ -260,8 +278,8 @@ class _Analyzer:
             tensors = [v for v in vals if isinstance(v, _Value) and not v.flat]
             if dim == 1 and tensors and len(tensors) == len(vals):
                 return _Value([seg for v in tensors for seg in v.segments])
-            for v in vals:
-                self.block(v, f"{node.name}: concat along dim {dim}")
+            for val in vals:
+                self.block(val, f"{node.name}: concat along dim {dim}")
             return _Value([(self.new_space(None, f"{node.name}: concat"), None)])
         flat_call = (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target == "flatten")
         if flat_call and isinstance(x, _Value):
@@ -298,6 +316,13 @@ class _Analyzer:
         # The residual branch is the side with more weight layers; the other is the shortcut
         # (identity, or a 1x1 projection that the paper excludes from depth groups).
         return wa if len(wa) > len(wb) else wb if len(wb) > len(wa) else []
+
+
+def _get_attr(gm: nn.Module, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _leaves(a: object) -> list[fx.Node]:

@@ -280,7 +280,9 @@ def _coupled_group(
     size = sp.size
     members: list[Member] = []
     for name in sp.producers + sp.passthrough:
-        mod = modules[name]
+        mod = modules.get(name)
+        if mod is None:  # a folded constant buffer (after depth removal), not a parameter
+            continue
         for pname in ("weight", "bias"):
             p = getattr(mod, pname, None)
             if isinstance(p, Tensor):

@@ -84,7 +84,12 @@ def test_conv_bn_chain_removes_coupled_channels_and_folds_into_linear() -> None:
         + 3 * 9  # the kept zero filter 6 is skipped by conv1's row-only CompactConv2d
     )
     assert n_params(m) - n_params(out) == expected
-    assert out.conv1.out_channels == 12 and out.conv1.impl == "rows" and out.bn1.num_features == 12 and out.conv2.in_channels == 12
+    assert (
+        out.conv1.out_channels == 12
+        and out.conv1.impl == "rows"
+        and out.bn1.num_features == 12
+        and out.conv2.in_channels == 12
+    )
     assert out.fc.in_features == 28
     assert any("conv2 input channel 6" in note for note in info.channels.kept_constant)
     assert info.channels.folds == ["fc"]
@@ -262,3 +267,47 @@ def test_lrn_blocks_channel_removal() -> None:
     zero_filter(m[0], [2])
     info = compact_exact(m, torch.randn(2, 3, 9, 9))
     assert info.model[0].out_channels == 8 and any("channel-mixing" in s for s in info.channels.skipped)
+
+
+def test_zero_residual_branches_disappear_from_the_forward_pass(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssl_lightning import apply_compaction_plan, compaction_plan
+
+    torch.manual_seed(7)
+    m = resnet20()
+    randomize_bn(m, 7)
+    with torch.no_grad():
+        for i in (
+            1,
+            4,
+        ):  # identity-shortcut blocks 1 (stage 1) and 4 (stage 2): every branch weight zero (depth-wise SSL)
+            m.blocks[i].conv1.weight.zero_()
+            m.blocks[i].conv2.weight.zero_()
+        m.blocks[3].conv1.weight.zero_()  # projection block 3: branch zero too, 1x1 shortcut stays
+        m.blocks[3].conv2.weight.zero_()
+    info = compact_exact(m, torch.randn(2, 3, 32, 32))
+    out = info.model
+    assert sorted(e["module"] for e in info.depth) == ["blocks.1", "blocks.3", "blocks.4"]
+    names = {n for n, _ in out.named_modules()}
+    for i in (1, 3, 4):
+        assert f"blocks.{i}.conv1" not in names and f"blocks.{i}.conv2" not in names
+    assert "blocks.3.shortcut.0" in names  # the projection shortcut carries the block now
+    branch = (  # conv1 + conv2 + BN1/BN2 affine of each removed branch
+        (2 * 16 * 16 * 9 + 4 * 16)  # block 1 (stage 1, 16 channels)
+        + (32 * 16 * 9 + 32 * 32 * 9 + 4 * 32)  # block 3 (stride 2, 16 -> 32)
+        + (2 * 32 * 32 * 9 + 4 * 32)  # block 4 (stage 2)
+    )
+    assert n_params(m) - n_params(out) == branch
+    calls: list[str] = []
+    hooks = [mod.register_forward_hook(lambda *_a, n=n: calls.append(n)) for n, mod in out.named_modules()]
+    out(torch.randn(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert "blocks.4.shortcut" in calls  # the block still runs, as shortcut + constant
+    assert not any(c.startswith(("blocks.1.conv", "blocks.1.bn", "blocks.4.conv", "blocks.4.bn")) for c in calls)
+
+    plan = compaction_plan(out)
+    torch.save(out.state_dict(), tmp_path / "w.pt")
+    fresh = apply_compaction_plan(resnet20().eval(), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fresh(x), out(x), rtol=0, atol=0)
