@@ -8,11 +8,14 @@ and compiled ops in :mod:`ssl_lightning.ops`.
 from ssl_lightning.callback import StructuredSparsity
 from ssl_lightning.compact_conv import CompactConv2d
 from ssl_lightning.compaction import (
+    CompactionCheckpointing,
     CompactionError,
     apply_compaction_plan,
     compact,
     compact_with_info,
     compaction_plan,
+    compaction_plans,
+    restore_compaction,
 )
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.report import SparsityReport, sparsity_report
@@ -21,6 +24,7 @@ from ssl_lightning.schedules import PhaseSchedule
 __all__ = [
     "GROUP_TYPES",
     "CompactConv2d",
+    "CompactionCheckpointing",
     "CompactionError",
     "Group",
     "Member",
@@ -32,6 +36,8 @@ __all__ = [
     "compact",
     "compact_with_info",
     "compaction_plan",
+    "compaction_plans",
+    "restore_compaction",
     "sparsity_report",
 ]
 __version__ = "0.1.0"

@@ -37,12 +37,16 @@ PLAN_VERSION = 2
 _PLAN_ATTR = "_ssl_lightning_plan"  # depth + channel plan ride on the compacted model (kept by deepcopy)
 
 __all__ = [
+    "CHECKPOINT_KEY",
+    "CompactionCheckpointing",
     "CompactionError",
     "CompactionResult",
     "apply_compaction_plan",
     "compact",
     "compact_with_info",
     "compaction_plan",
+    "compaction_plans",
+    "restore_compaction",
 ]
 
 
@@ -131,7 +135,8 @@ def compact_with_info(
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> CompactionResult:
-    """Return a compacted copy of ``model`` (the original is untouched), evaluated in eval mode.
+    """Return a compacted copy of ``model`` (the original is untouched), built and checked in eval mode
+    (BN running statistics; constants are folded for them) and returned in the mode ``model`` was in.
 
     measure: pick each layer's implementation by timing it on the input it sees for ``example_inputs``
     (else from the kept fractions). align: kept channel counts (and the row-only conv's filter counts)
@@ -199,6 +204,7 @@ def compact_with_info(
         order = [n for n, _ in original.named_modules() if n in touched]
         result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
     original.train(was_training)
+    new.train(was_training)  # same mode as the model given (a compacted model is trained on like the original)
     return result
 
 
@@ -304,3 +310,58 @@ def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         fast = CompactConv2d(conv, rows, cols, spec["impl"], spec["compact_output"], spec.get("align", 8))
         model.set_submodule(name, fast)
     return model
+
+
+CHECKPOINT_KEY = "ssl_lightning_compaction"  # Lightning checkpoint entry: {submodule path: plan}
+
+
+def compaction_plans(root: nn.Module) -> dict[str, dict[str, Any]]:
+    """The plan of every compacted submodule of ``root`` (outermost ones; ``""`` is ``root`` itself), e.g.
+    ``{"model": plan}`` for a LightningModule whose ``model`` was compacted. Plain data: store it anywhere."""
+    plans: dict[str, dict[str, Any]] = {}
+    for name, mod in root.named_modules():
+        if hasattr(mod, _PLAN_ATTR) and not any(name.startswith(f"{p}.") or p == "" for p in plans):
+            plans[name] = compaction_plan(mod)
+    return plans
+
+
+def restore_compaction(root: nn.Module, plans: dict[str, dict[str, Any]]) -> nn.Module:
+    """Give the submodules of a freshly built ``root`` the compacted structure in ``plans`` (from
+    :func:`compaction_plans`), in place, so that the compacted state_dict loads strictly."""
+    for name, plan in plans.items():
+        try:
+            sub = root.get_submodule(name) if name else root
+        except AttributeError as err:
+            raise ValueError(
+                f"stored compaction plan names submodule {name!r}, which this model does not have"
+            ) from err
+        if hasattr(sub, _PLAN_ATTR):
+            continue  # already compacted (e.g. the checkpoint is loaded into the compacted module itself)
+        apply_compaction_plan(sub, plan)
+    return root
+
+
+class CompactionCheckpointing:
+    """LightningModule mixin: checkpoints carry the compaction plan and loading rebuilds the compacted structure
+    first, so ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` work after ``compact``.
+
+    Use as ``class MyModule(CompactionCheckpointing, LightningModule)``; or call :func:`compaction_plans` /
+    :func:`restore_compaction` from your own ``on_save_checkpoint`` / ``on_load_checkpoint``.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert isinstance(self, nn.Module)
+        plans = compaction_plans(self)
+        if plans:
+            checkpoint[CHECKPOINT_KEY] = plans
+        parent = super()
+        if hasattr(parent, "on_save_checkpoint"):
+            parent.on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        assert isinstance(self, nn.Module)
+        if CHECKPOINT_KEY in checkpoint:
+            restore_compaction(self, checkpoint[CHECKPOINT_KEY])
+        parent = super()
+        if hasattr(parent, "on_load_checkpoint"):
+            parent.on_load_checkpoint(checkpoint)

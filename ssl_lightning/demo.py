@@ -72,6 +72,7 @@ def _compact_and_time(net: torch.nn.Module, data: MNIST5kDataModule) -> dict[str
     from torch.utils.benchmark import Timer
 
     images = data.val_set.tensors[0]
+    net.eval()
     info = compact_with_info(net, images[:64])
     layers = ", ".join(f"{k}→{v}" for k, v in info.replaced.items()) or "none (no layer had removable structure)"
     print(f"compacted layers: {layers}; max |difference| on check inputs: {info.max_abs_error:.2e}")

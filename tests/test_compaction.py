@@ -43,7 +43,8 @@ def test_resnet_with_bn_and_residuals_stays_equal_in_eval() -> None:
         model(torch.randn(8, 3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     fast = compact(model, x, measure=False)
-    assert model.training  # the original's mode is restored
+    assert model.training and fast.training  # the original's mode is restored, and given to the copy
+    fast.eval()
     assert sum(isinstance(m, CompactConv2d) for m in fast.modules()) >= 10
     model.eval()
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)

@@ -11,9 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_lightning.compaction import CompactionCheckpointing
 
-class ImageClassifier(pl.LightningModule):
-    """Wraps any ``nn.Module`` classifier. SGD with momentum and a multi-step LR decay, as in the paper."""
+
+class ImageClassifier(CompactionCheckpointing, pl.LightningModule):
+    """Wraps any ``nn.Module`` classifier. SGD with momentum and a multi-step LR decay, as in the paper.
+
+    After ``clf.model = ssl_lightning.compact(clf.model, x)`` its checkpoints carry the compaction plan, so
+    ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` rebuild the compacted structure."""
 
     def __init__(
         self,

@@ -1,0 +1,64 @@
+"""A compacted model inside a LightningModule: checkpoints rebuild the structure; a resumed fit is identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from ssl_lightning import CompactConv2d, compact
+from ssl_lightning.compaction import CHECKPOINT_KEY
+from ssl_lightning.models import ImageClassifier, resnet20
+
+from .conftest import loader, trainer
+
+
+def sparse_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = resnet20(num_classes=4)
+    with torch.no_grad():
+        m.blocks[1].conv1.weight.zero_()  # a whole residual branch
+        m.blocks[1].conv2.weight.zero_()
+        m.blocks[0].conv1.weight[[2, 5]] = 0  # filters, coupled with their BN channel
+        m.blocks[0].bn1.weight[[2, 5]] = 0
+        m.blocks[0].bn1.bias[[2, 5]] = 0
+        m.blocks[4].conv2.weight[:, :, :2] = 0  # filter shapes
+    return m
+
+
+class Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, *_: Any) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_checkpoint_after_compaction_loads_and_resumes_identically(tmp_path: Path) -> None:
+    data = loader(n=32, batch=8, shape=(3, 32, 32))  # 4 steps per epoch
+    clf = ImageClassifier(sparse_resnet(), num_classes=4, lr=0.05, milestones=[1])
+    clf.model = compact(clf.model, torch.randn(2, 3, 32, 32), measure=False)
+    assert any(isinstance(m, CompactConv2d) for m in clf.modules())
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full = Losses()
+    trainer(tmp_path, max_epochs=2, callbacks=[full, ckpt], enable_checkpointing=True).fit(clf, data)
+    assert len(full.losses) == 8
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+
+    raw = torch.load(path, weights_only=True)  # plain data only: the plan is JSON-like
+    assert set(raw[CHECKPOINT_KEY]) == {"model"} and raw[CHECKPOINT_KEY]["model"]["depth"]
+
+    loaded = ImageClassifier.load_from_checkpoint(path, model=resnet20(num_classes=4))  # dense model, rebuilt
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in clf.parameters())
+    assert "model.blocks.1.conv1.weight" not in loaded.state_dict()
+
+    resumed = Losses()
+    fresh = ImageClassifier(resnet20(num_classes=4), num_classes=4, lr=0.05, milestones=[1])
+    trainer(tmp_path / "resume", max_epochs=2, callbacks=[resumed]).fit(fresh, data, ckpt_path=path)
+    assert len(resumed.losses) == 4
+    # Same weights, momentum buffers and LR schedule (milestone at epoch 1): the next steps are identical.
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), rtol=1e-6, atol=1e-6)
