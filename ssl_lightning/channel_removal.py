@@ -48,6 +48,7 @@ class ChannelPlan:
     folds: list[str] = field(default_factory=list)
     kept_constant: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # spaces left whole, with the reason
+    unsupported: list[str] = field(default_factory=list)  # modules / ops the graph analysis cannot follow
 
     def to_dict(self) -> dict[str, object]:
         return {"out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds}
@@ -120,7 +121,7 @@ def plan_channel_removal(
         raise ValueError(f"align must be an integer >= 1, got {align!r}")
     analysis = analyze(model)
     modules = dict(model.named_modules())
-    plan = ChannelPlan()
+    plan = ChannelPlan(unsupported=list(dict.fromkeys(analysis.unsupported)))
     consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
     measured = _capture_inputs(model, consumers, trials, run)
     corrections: dict[str, Tensor] = {}
@@ -272,7 +273,8 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 owner = model.get_submodule(parent)
                 buf = getattr(owner, attr)
                 _check_index(name, keep, buf.shape[1])
-                setattr(owner, attr, buf[:, keep].clone())
+                sliced = buf[:, keep].clone()
+                setattr(owner, attr, _param(sliced, buf) if isinstance(buf, nn.Parameter) else sliced)
         for name, keep_list in plan.in_keep.items():
             _slice_in(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
 

@@ -172,7 +172,7 @@ class CompactConv2d(nn.Module):
                     self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.out_channels,
                     self.compact_output,
                 )  # fmt: skip
-                if torch.is_grad_enabled():
+                if torch.is_grad_enabled() or torch.compiler.is_compiling():  # dynamo/export trace the plain op
                     return torch.ops.ssl_lightning.compact_conv2d(*args)
                 with torch._C._AutoDispatchBelowAutograd():  # inference: skip the Python autograd kernel
                     return torch.ops.ssl_lightning.compact_conv2d(*args)

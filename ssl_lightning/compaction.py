@@ -166,6 +166,12 @@ def compact_with_info(
         else:
             apply_channel_plan(new, plan, corrections)
             notes += plan.kept_constant
+            if plan.unsupported:
+                warnings.warn(
+                    "compact: channels feeding these stay whole (the graph analysis cannot follow them): "
+                    + "; ".join(plan.unsupported),
+                    stacklevel=2,
+                )
     setattr(new, _PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
     convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
     for name, conv in convs.items():

@@ -62,3 +62,17 @@ def test_checkpoint_after_compaction_loads_and_resumes_identically(tmp_path: Pat
     assert len(resumed.losses) == 4
     # Same weights, momentum buffers and LR schedule (milestone at epoch 1): the next steps are identical.
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[4:]), rtol=1e-6, atol=1e-6)
+
+
+def test_compacted_model_runs_under_torch_compile_and_export() -> None:
+    model = sparse_resnet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = compact(model, x, measure=False)  # depth-removed block, sliced channels, fused CompactConv2d
+    with torch.no_grad():
+        want = fast(x)
+        got = torch.compile(fast, fullgraph=True)(x)  # inductor; the custom op runs through its fake kernel
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(fast, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes}
+    assert "ssl_lightning.compact_conv2d.default" in targets  # the fused op stays one node in the program
+    torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
