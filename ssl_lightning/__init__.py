@@ -7,6 +7,7 @@ and compiled ops in :mod:`ssl_lightning.ops`.
 
 from ssl_lightning.callback import StructuredSparsity
 from ssl_lightning.compact_conv import CompactConv2d
+from ssl_lightning.compact_linear import CompactLinear
 from ssl_lightning.compaction import (
     CompactionCheckpointing,
     CompactionError,
@@ -24,6 +25,7 @@ from ssl_lightning.schedules import PhaseSchedule
 __all__ = [
     "GROUP_TYPES",
     "CompactConv2d",
+    "CompactLinear",
     "CompactionCheckpointing",
     "CompactionError",
     "Group",

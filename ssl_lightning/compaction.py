@@ -10,7 +10,8 @@ Stages, on a deep copy of the model (the original is untouched):
    the consumers' biases;
 2. every remaining ``nn.Conv2d`` whose lowered weight still has all-zero rows (filters) or columns
    (filter-shape fibers) becomes a drop-in :class:`~ssl_lightning.CompactConv2d` (full-width output),
-   unless the dense conv measures as fast on the layer's real input.
+   and every ``nn.Linear`` with all-zero input columns a :class:`~ssl_lightning.CompactLinear` (gather the
+   kept features, smaller GEMM), unless the dense layer measures as fast on the layer's real input.
 
 The result is checked against the original on the example and random inputs; a mismatch raises
 :class:`CompactionError` naming the first layer that differs.
@@ -30,6 +31,7 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compact_conv import CompactConv2d
+from ssl_lightning.compact_linear import CompactLinear
 from ssl_lightning.depth_removal import apply_depth_plan, plan_and_remove_depth
 from ssl_lightning.ops import lowered_nonzero
 
@@ -181,10 +183,11 @@ def compact_with_info(
                 stacklevel=2,
             )
     convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d}
+    linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear}
     seen: dict[str, Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args[0].detach()))
-        for n, m in convs.items()
+        for n, m in [*convs.items(), *linears.items()]
     ]
     try:
         _outputs(new, inputs)
@@ -205,6 +208,12 @@ def compact_with_info(
             continue
         new.set_submodule(name, fast.eval())
         result.replaced[name] = fast.impl
+    for name, linear in linears.items():  # input features no upstream layer could drop (e.g. ignored pixels)
+        if name in seen:
+            small = CompactLinear.from_linear(linear, seen[name] if measure else None)
+            if small is not linear:
+                new.set_submodule(name, small)
+                result.replaced[name] = "gather"
     if verify:
         touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
         order = [n for n, _ in original.named_modules() if n in touched]
@@ -267,12 +276,14 @@ def compaction_plan(model: nn.Module) -> dict[str, Any]:
                 "col_idx": mod.col_idx.tolist(),
                 "col_ptr": mod.col_ptr.tolist(),
             }
+    linears = {n: {"in_idx": m.in_idx.tolist()} for n, m in model.named_modules() if isinstance(m, CompactLinear)}
     stored = getattr(model, _PLAN_ATTR, None) or {}
     return {
         "version": PLAN_VERSION,
         "depth": copy.deepcopy(stored.get("depth", [])),
         "channels": copy.deepcopy(stored.get("channels", ChannelPlan().to_dict())),
         "convs": convs,
+        "linears": linears,
     }
 
 
@@ -315,6 +326,14 @@ def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             cols[g, torch.tensor(col_idx[col_ptr[g] : col_ptr[g + 1]], dtype=torch.long)] = True
         fast = CompactConv2d(conv, rows, cols, spec["impl"], spec["compact_output"], spec.get("align", 8))
         model.set_submodule(name, fast)
+    for name, spec in plan.get("linears", {}).items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"compaction plan names {name!r}, which this model does not have") from err
+        if not isinstance(linear, nn.Linear) or (spec["in_idx"] and max(spec["in_idx"]) >= linear.in_features):
+            raise ValueError(f"compaction plan for {name!r} does not fit it ({linear})")
+        model.set_submodule(name, CompactLinear(linear, torch.tensor(spec["in_idx"], dtype=torch.long)))
     return model
 
 

@@ -337,3 +337,23 @@ def test_unsupported_modules_and_functional_convs_are_named_and_left_whole() -> 
     out = info.model
     assert out.a.out_channels == 8 and out.b.out_channels == 5 and out.scale.shape == (1, 5, 1, 1)
     assert isinstance(out.scale, nn.Parameter) and info.channels.folds == ["c"]
+
+
+def test_mlp_input_pixels_with_all_zero_connections_are_gathered_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssl_lightning import CompactLinear, apply_compaction_plan, compaction_plan
+
+    torch.manual_seed(9)
+    mlp = MLP((784, 64, 10))
+    ignored = torch.randperm(784)[:600]  # neuron_in groups: pixels the first layer learned to ignore
+    with torch.no_grad():
+        mlp.layers[0].weight[:, ignored] = 0
+    info = compact_exact(mlp, torch.randn(8, 1, 28, 28))
+    first = info.model.layers[0]
+    assert isinstance(first, CompactLinear) and first.in_idx.numel() == 184 and info.replaced["layers.0"] == "gather"
+    assert n_params(mlp) - n_params(info.model) == 600 * 64
+    plan = compaction_plan(info.model)
+    torch.save(info.model.state_dict(), tmp_path / "w.pt")
+    fresh = apply_compaction_plan(MLP((784, 64, 10)), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    x = torch.randn(3, 784)
+    torch.testing.assert_close(fresh(x), info.model(x), rtol=0, atol=0)
