@@ -19,7 +19,7 @@ from ssl_lightning.compaction import (
     restore_compaction,
 )
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
-from ssl_lightning.report import SparsityReport, sparsity_report
+from ssl_lightning.report import CompactionReport, SparsityReport, compaction_report, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "CompactLinear",
     "CompactionCheckpointing",
     "CompactionError",
+    "CompactionReport",
     "Group",
     "Member",
     "PhaseSchedule",
@@ -39,6 +40,7 @@ __all__ = [
     "compact_with_info",
     "compaction_plan",
     "compaction_plans",
+    "compaction_report",
     "restore_compaction",
     "sparsity_report",
 ]

@@ -22,7 +22,7 @@ from ssl_lightning.penalty import (
     proximal_step_,
     zero_small_,
 )
-from ssl_lightning.report import sparsity_report
+from ssl_lightning.report import CompactionReport, sparsity_report
 from ssl_lightning.schedules import LAMBDA_SCHEDULES, PhaseSchedule, lambda_factor
 
 __all__ = ["StructuredSparsity"]
@@ -64,6 +64,12 @@ class StructuredSparsity(Callback):
         finetune_lr_factor: learning rates are multiplied by this once, when fine-tuning starts.
         log_every_n_steps: sparsity figures are sent to the trainer's loggers every this many steps.
         log_histograms: also send group-norm histograms and a per-layer chart when a WandbLogger is attached.
+        compact_at_end: name of the LightningModule's submodule (e.g. ``"model"``) to replace by its
+            :func:`~ssl_lightning.compact`-ed copy when ``fit`` ends; example inputs are the first
+            ``compact_batch`` samples of the first training batch. Parameters, MACs and measured latency,
+            dense vs compacted, go to the trainer's loggers (``compaction/...``) and to :attr:`compaction`.
+        compact_batch: number of samples used to check and time the compaction.
+        compact_align: kept channel counts are rounded up to a multiple of this (1: exact), see ``compact``.
     """
 
     def __init__(
@@ -86,6 +92,9 @@ class StructuredSparsity(Callback):
         finetune_lr_factor: float = 1.0,
         log_every_n_steps: int = 50,
         log_histograms: bool = True,
+        compact_at_end: str | None = None,
+        compact_batch: int = 32,
+        compact_align: int = 8,
     ) -> None:
         validate_lambdas(lambdas)
         _check_choice("method", method, ("proximal", "gradient"))
@@ -99,6 +108,15 @@ class StructuredSparsity(Callback):
         _check_number("finetune_lr_factor", finetune_lr_factor, strict=True)
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
+        if compact_at_end is not None and (not isinstance(compact_at_end, str) or not compact_at_end):
+            raise ValueError(
+                f"compact_at_end must be the name of a submodule of the LightningModule (e.g. 'model') or None, "
+                f"got {compact_at_end!r}"
+            )
+        if not isinstance(compact_batch, int) or compact_batch < 1:
+            raise ValueError(f"compact_batch must be an int >= 1, got {compact_batch!r}")
+        if not isinstance(compact_align, int) or compact_align < 1:
+            raise ValueError(f"compact_align must be an int >= 1, got {compact_align!r}")
         self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)
         if lambda_schedule == "ramp" and self.schedule.ssl_end is None:
             raise ValueError("lambda_schedule='ramp' needs an SSL phase with an end, e.g. phases={'ssl': [0, 10]}")
@@ -113,6 +131,8 @@ class StructuredSparsity(Callback):
         self.finetune_lr_factor = finetune_lr_factor
         self.log_every_n_steps = log_every_n_steps
         self.log_histograms = log_histograms
+        self.compact_at_end, self.compact_batch, self.compact_align = compact_at_end, compact_batch, compact_align
+        self.compaction: CompactionReport | None = None  # filled when compact_at_end ran
 
         self.groups: list[Group] = []
         self._params: dict[str, Tensor] = {}
@@ -145,6 +165,15 @@ class StructuredSparsity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self.compact_at_end is not None:
+            try:
+                pl_module.get_submodule(self.compact_at_end)
+            except AttributeError:
+                children = ", ".join(repr(n) for n, _ in pl_module.named_children()) or "none"
+                raise ValueError(
+                    f"compact_at_end={self.compact_at_end!r} is not a submodule of {type(pl_module).__name__}; "
+                    f"its children are {children}"
+                ) from None
         self.groups = build_groups(
             pl_module,
             self.lambdas,
@@ -239,6 +268,37 @@ class StructuredSparsity(Callback):
             self.log_sparsity(trainer, pl_module)
         if self.log_histograms and trainer.is_global_zero:
             self._log_wandb_chart(trainer, pl_module, trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.compact_at_end is not None:
+            self.compact(trainer, pl_module, self.compact_at_end)
+
+    def compact(self, trainer: Trainer, pl_module: LightningModule, name: str) -> CompactionReport:
+        """Replace ``pl_module.<name>`` by its compacted copy (checked equal on a training batch), log the
+        dense-vs-compacted report to the trainer's loggers and return it. Every DDP rank compacts the same
+        weights; timing-based choices are made only on a single process (else from the kept fractions)."""
+        from ssl_lightning.compaction import compact_with_info
+        from ssl_lightning.report import compaction_report
+
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError("StructuredSparsity.compact needs the training dataloader for example inputs")
+        batch = next(iter(loader))
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        if not isinstance(x, Tensor):
+            raise TypeError(f"compact_at_end needs tensor inputs as the first element of a batch, got {type(x)}")
+        x = x[: self.compact_batch].to(pl_module.device)
+        dense = pl_module.get_submodule(name)
+        info = compact_with_info(dense, x, measure=trainer.world_size == 1, align=self.compact_align)
+        report = compaction_report(dense, info.model, x, timing=trainer.is_global_zero)
+        pl_module.set_submodule(name, info.model)
+        self.compaction = report
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(report.metrics("compaction"), step=trainer.global_step)
+        rank_zero_info(f"StructuredSparsity: compacted {name}\n{report.to_markdown()}")
+        return report
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -6,6 +6,7 @@ else the reference) and ``x_reference`` (pure torch, the test oracle).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -224,6 +225,14 @@ if has_compiled_ops():
         ho, wo = _out_hw(input.shape[2], input.shape[3], kernel_size, stride, padding, dilation)
         rows = row_idx.shape[0] if compact_output else out_channels
         return input.new_empty((input.shape[0], rows, ho, wo))
+
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.ssl_lightning.compact_conv2d)
+    def _compact_conv2d_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        # The packed weight holds exactly the kept rows x kept columns: one MAC each per output position.
+        n, _, ho, wo = out_shape
+        return 2 * n * ho * wo * math.prod(weight_shape)
 
     def _compact_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
         (inp, weight, row_idx, row_ptr, col_idx, col_ptr, bias, ks, st, pd, dl, groups, oc, compact) = inputs

@@ -12,7 +12,15 @@ from torch import Tensor, nn
 from ssl_lightning.groups import weight_of
 from ssl_lightning.ops import lowered_nonzero
 
-__all__ = ["LayerStats", "SparsityReport", "record_spatial", "sparsity_report"]
+__all__ = [
+    "CompactionReport",
+    "LayerComparison",
+    "LayerStats",
+    "SparsityReport",
+    "compaction_report",
+    "record_spatial",
+    "sparsity_report",
+]
 
 
 @dataclass
@@ -203,3 +211,176 @@ def plot_layer_sparsity(report: SparsityReport) -> Any:
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
     plt.close(fig)
     return image
+
+
+@dataclass
+class LayerComparison:
+    name: str
+    kind: str  # class of the compacted layer ("removed" when a depth removal cut it out)
+    params: int
+    params_compact: int
+    macs: int  # per batch of the example inputs
+    macs_compact: int
+    ms: float  # median latency of the layer alone on the input it sees (nan without timing)
+    ms_compact: float
+
+    @property
+    def speedup(self) -> float:
+        return self.ms / self.ms_compact if self.ms_compact > 0 else float("inf")
+
+
+@dataclass
+class CompactionReport:
+    """Dense vs compacted: parameters, MACs (``torch.utils.flop_counter``) and measured latency, per Conv2d /
+    Linear layer and end to end, for one batch of example inputs on their device."""
+
+    layers: list[LayerComparison]
+    params: int
+    params_compact: int
+    macs: int
+    macs_compact: int
+    ms: float
+    ms_compact: float
+    device: str
+
+    @property
+    def speedup(self) -> float:
+        return self.ms / self.ms_compact if self.ms_compact > 0 else float("nan")
+
+    def metrics(self, prefix: str = "compaction") -> dict[str, float]:
+        """Scalars for loggers: totals and each layer's speedup and MAC fraction."""
+        out = {
+            f"{prefix}/params": float(self.params_compact),
+            f"{prefix}/params_fraction": self.params_compact / self.params,
+            f"{prefix}/macs_fraction": self.macs_compact / self.macs if self.macs else float("nan"),
+            f"{prefix}/latency_ms": self.ms_compact,
+            f"{prefix}/latency_ms_dense": self.ms,
+            f"{prefix}/speedup": self.speedup,
+        }
+        for s in self.layers:
+            out[f"{prefix}/{s.name}/macs_fraction"] = s.macs_compact / s.macs if s.macs else float("nan")
+            if s.ms == s.ms and s.kind != "removed":  # timed, and still there
+                out[f"{prefix}/{s.name}/speedup"] = s.speedup
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layers": [asdict(s) | {"speedup": s.speedup} for s in self.layers],
+            "params": self.params, "params_compact": self.params_compact, "macs": self.macs,
+            "macs_compact": self.macs_compact, "ms": self.ms, "ms_compact": self.ms_compact,
+            "speedup": self.speedup, "device": self.device,
+        }  # fmt: skip
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"Device: {self.device}. Latency: median, each layer alone on the input it sees.",
+            "",
+            "| layer | compacted as | params (compact / dense) | MACs kept | latency ms (compact / dense) | speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in self.layers:
+            speed = "cut out" if s.kind == "removed" else f"{s.speedup:.2f}x"
+            lines.append(
+                f"| {s.name} | {s.kind} | {s.params_compact:,} / {s.params:,} | "
+                f"{_ratio(s.macs_compact, s.macs)} | {s.ms_compact:.3f} / {s.ms:.3f} | {speed} |"
+            )
+        lines.append(
+            f"| **model** | | {self.params_compact:,} / {self.params:,} | {_ratio(self.macs_compact, self.macs)} | "
+            f"{self.ms_compact:.3f} / {self.ms:.3f} | {self.speedup:.2f}x |"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "n/a"
+
+
+def _count_macs(fn: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+def _median_ms(fns: dict[str, Any], rounds: int) -> dict[str, float]:
+    from torch.utils.benchmark import Timer
+
+    timers = {k: Timer("f()", globals={"f": f}) for k, f in fns.items()}
+    number = {k: max(1, int(0.02 / max(t.timeit(1).median, 1e-7))) for k, t in timers.items()}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):  # interleaved: dense and compacted see the same machine state
+        for k, t in timers.items():
+            samples[k].append(t.timeit(number[k]).median * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+
+def _inputs_of(model: nn.Module, names: set[str], inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    seen: dict[str, Tensor] = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def compaction_report(
+    original: nn.Module, compacted: nn.Module, *example_inputs: Tensor, timing: bool = True, rounds: int = 5
+) -> CompactionReport:
+    """Compare ``original`` and its ``compact``-ed copy on ``example_inputs`` (both run in eval mode, no grad).
+
+    Layers are the original's Conv2d / Linear modules, matched by name; a layer cut out by depth removal
+    counts as 0 in the compacted model. ``timing=False`` skips the latency measurements (nan).
+    """
+    modes = (original.training, compacted.training)
+    original.eval()
+    compacted.eval()
+    try:
+        names = [n for n, m in original.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        new_mods = dict(compacted.named_modules())
+        seen_a = _inputs_of(original, set(names), example_inputs)
+        seen_b = _inputs_of(compacted, {n for n in names if n in new_mods}, example_inputs)
+        old_mods = dict(original.named_modules())
+        rows: list[LayerComparison] = []
+        with torch.no_grad():
+            for n in names:
+                a, b = old_mods[n], new_mods.get(n)
+                xa, xb = seen_a.get(n), seen_b.get(n)
+                macs = _count_macs(lambda a=a, xa=xa: a(xa)) if xa is not None else 0
+                macs_b = _count_macs(lambda b=b, xb=xb: b(xb)) if b is not None and xb is not None else 0
+                ms = ms_b = float("nan")
+                if timing and xa is not None:
+                    fns = {"a": lambda a=a, xa=xa: a(xa)}
+                    if b is not None and xb is not None:
+                        fns["b"] = lambda b=b, xb=xb: b(xb)
+                    t = _median_ms(fns, rounds)
+                    ms, ms_b = t["a"], t.get("b", 0.0)
+                rows.append(LayerComparison(
+                    n, type(b).__name__ if b is not None else "removed",
+                    sum(p.numel() for p in a.parameters()), sum(p.numel() for p in b.parameters()) if b else 0,
+                    macs, macs_b, ms, ms_b,
+                ))  # fmt: skip
+            macs = _count_macs(lambda: original(*example_inputs))
+            macs_b = _count_macs(lambda: compacted(*example_inputs))
+            ms = ms_b = float("nan")
+            if timing:
+                t = _median_ms(
+                    {"a": lambda: original(*example_inputs), "b": lambda: compacted(*example_inputs)}, rounds
+                )
+                ms, ms_b = t["a"], t["b"]
+    finally:
+        original.train(modes[0])
+        compacted.train(modes[1])
+    device = example_inputs[0].device if example_inputs else torch.device("cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return CompactionReport(
+        rows, sum(p.numel() for p in original.parameters()), sum(p.numel() for p in compacted.parameters()),
+        macs, macs_b, ms, ms_b, name,
+    )  # fmt: skip

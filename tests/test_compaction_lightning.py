@@ -76,3 +76,41 @@ def test_compacted_model_runs_under_torch_compile_and_export() -> None:
     targets = {str(n.target) for n in exported.graph.nodes}
     assert "ssl_lightning.compact_conv2d.default" in targets  # the fused op stays one node in the program
     torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_callback_compacts_at_fit_end_and_logs_the_report(tmp_path: Path) -> None:
+    import csv
+
+    import pytest
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ssl_lightning import StructuredSparsity
+
+    from .conftest import SmallNet
+
+    torch.manual_seed(0)
+    clf = ImageClassifier(SmallNet(), num_classes=4, lr=0.05, weight_decay=0.0)
+    cb = StructuredSparsity(
+        {"filter": 1.0, "neuron_out": 1.0},
+        phases={"ssl": [0, 3], "finetune": [3, None]},
+        compact_at_end="model",
+        compact_align=1,  # exact channel counts: SmallNet has only 8-16 per layer
+    )
+    dense_params = sum(p.numel() for p in clf.parameters())
+    logger = CSVLogger(tmp_path, name="run")
+    trainer(tmp_path, max_epochs=4, callbacks=[cb], logger=logger).fit(clf, loader(n=64, batch=16))
+    report = cb.compaction
+    assert report is not None and report.params_compact < report.params
+    assert sum(p.numel() for p in clf.parameters()) == report.params_compact < dense_params
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("compaction/speedup")]
+    assert logged and float(logged[-1]["compaction/params"]) == report.params_compact
+    assert "| **model** |" in report.to_markdown()
+
+    with pytest.raises(ValueError, match=r"compact_at_end='net' is not a submodule of ImageClassifier; its children"):
+        trainer(tmp_path, max_epochs=1, callbacks=[StructuredSparsity({"filter": 0.1}, compact_at_end="net")]).fit(
+            ImageClassifier(SmallNet(), num_classes=4), loader()
+        )
+    with pytest.raises(ValueError, match=r"compact_at_end must be the name of a submodule"):
+        StructuredSparsity({"filter": 0.1}, compact_at_end="")
