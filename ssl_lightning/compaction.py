@@ -116,13 +116,22 @@ def compact(
     measure: bool = True,
     align: int = 8,
     channels: bool = True,
+    shapes: bool = True,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> nn.Module:
     """A compacted, equivalence-checked copy of ``model`` (see :func:`compact_with_info`)."""
     return compact_with_info(
-        model, example_inputs, measure=measure, align=align, channels=channels, verify=verify, rtol=rtol, atol=atol
+        model,
+        example_inputs,
+        measure=measure,
+        align=align,
+        channels=channels,
+        shapes=shapes,
+        verify=verify,
+        rtol=rtol,
+        atol=atol,
     ).model
 
 
@@ -133,6 +142,7 @@ def compact_with_info(
     measure: bool = True,
     align: int = 8,
     channels: bool = True,
+    shapes: bool = True,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
@@ -143,7 +153,9 @@ def compact_with_info(
     measure: pick each layer's implementation by timing it on the input it sees for ``example_inputs``
     (else from the kept fractions). align: kept channel counts (and the row-only conv's filter counts)
     are rounded up to a multiple of this, since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the
-    needed channels. channels: remove channels across layers (stage 1), else only swap convs.
+    needed channels. channels: cut zero residual branches and remove channels across layers (stages 0-1).
+    shapes: swap layers with remaining zero rows / columns for ``CompactConv2d`` / ``CompactLinear``
+    (stage 2); ``shapes=False`` leaves only plain PyTorch modules (e.g. for ONNX export).
     verify: check the compacted model against the original on the example and two random inputs of the
     same shapes; raise :class:`CompactionError` naming the first layer whose output differs beyond
     ``rtol``/``atol`` (relative to the layer's output scale).
@@ -182,8 +194,8 @@ def compact_with_info(
                 f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward); left dense",
                 stacklevel=2,
             )
-    convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d}
-    linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear}
+    convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
+    linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
     seen: dict[str, Tensor] = {}
     hooks = [
         m.register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args[0].detach()))

@@ -77,6 +77,11 @@ def test_compacted_model_runs_under_torch_compile_and_export() -> None:
     assert "ssl_lightning.compact_conv2d.default" in targets  # the fused op stays one node in the program
     torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
 
+    plain = compact(model, x, measure=False, shapes=False)  # for exporters without the custom op (ONNX)
+    program = torch.export.export(plain, (x,))
+    assert not any("ssl_lightning" in str(n.target) for n in program.graph.nodes)
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())  # depth cut
+
 
 def test_callback_compacts_at_fit_end_and_logs_the_report(tmp_path: Path) -> None:
     import csv
