@@ -1,0 +1,267 @@
+"""The whole SSL job from one recipe: [dense baseline] → SSL → prune → fine-tune → compact → verify → benchmark
+→ report (Markdown + JSON + PNG charts in the run directory, and to W&B when a WandbLogger is configured).
+
+    ssl-lightning run RECIPE [--baseline] [--key value ...]
+    ssl-lightning sweep RECIPE --lambda 0.01 0.03 0.1 [--key value ...]
+
+The recipe is a LightningCLI config (the same file ``ssl-lightning fit --config`` takes); ``--key value``
+overrides go through LightningCLI too, so typos and wrong types are reported by key. Compaction is
+checked for equivalence before anything is reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+from torch import Tensor, nn
+
+from ssl_lightning.callback import StructuredSparsity
+from ssl_lightning.compaction import compact_with_info
+from ssl_lightning.models import ImageClassifier
+from ssl_lightning.report import (
+    CompactionReport,
+    SparsityReport,
+    compaction_report,
+    plot_layer_sparsity,
+    sparsity_report,
+)
+
+__all__ = ["RunResult", "plot_filters", "run", "sweep"]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    val_acc: float
+    baseline_acc: float | None
+    sparsity: SparsityReport
+    compaction: dict[int, CompactionReport] = field(default_factory=dict)  # batch size -> report
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        t = self.sparsity.totals()
+        out: dict[str, Any] = {
+            "val_acc": self.val_acc,
+            "baseline_val_acc": self.baseline_acc,
+            "flop_fraction": t["flop_fraction"],
+            "param_fraction": t["param_fraction"],
+            "seconds": self.seconds,
+        }
+        for s in self.sparsity.layers:
+            out[f"{s.name}/flop_fraction"] = s.flop_fraction
+        for batch, rep in self.compaction.items():
+            out[f"speedup_batch{batch}"] = rep.speedup
+            out[f"params_compact_fraction_batch{batch}"] = rep.params_compact / rep.params
+        return out
+
+
+def _build(recipe: str, overrides: list[str]) -> LightningCLI:
+    return LightningCLI(
+        ImageClassifier,
+        subclass_mode_data=True,
+        run=False,
+        save_config_callback=None,
+        args=["--config", recipe, *overrides],
+    )
+
+
+def _ssl_callback(trainer: pl.Trainer, recipe: str) -> StructuredSparsity:
+    found = [c for c in trainer.callbacks if isinstance(c, StructuredSparsity)]  # type: ignore[attr-defined]
+    if len(found) != 1:
+        raise ValueError(f"{recipe}: a run recipe needs exactly one StructuredSparsity callback, found {len(found)}")
+    return found[0]
+
+
+def _val_batch(data: pl.LightningDataModule, n: int) -> Tensor:
+    batch = next(iter(data.val_dataloader()))
+    x = batch[0] if isinstance(batch, list | tuple) else batch
+    if not isinstance(x, Tensor):
+        raise TypeError(f"the validation loader must yield tensors (or (x, y) tuples), got {type(x).__name__}")
+    return x[:n]
+
+
+def plot_filters(conv: nn.Conv2d, max_filters: int = 64) -> Any:
+    """The first conv layer's filters as an image grid (the paper's Figure 2), RGB uint8 array (H x W x 3).
+    Each filter is shown per input channel averaged to grey (RGB when it has 3 input channels)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    w = conv.weight.detach().float().cpu()[:max_filters]
+    n = w.shape[0]
+    cols = min(n, 10)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + 0.4), dpi=100, squeeze=False)
+    scale = float(w.abs().max()) or 1.0
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        f = w[i]
+        if f.shape[0] == 3:
+            ax.imshow(((f.permute(1, 2, 0) / scale + 1) / 2).clamp(0, 1).numpy())
+        else:
+            ax.imshow(f.mean(0).numpy(), cmap="gray", vmin=-scale, vmax=scale)
+        if bool((f == 0).all()):
+            ax.set_title("0", fontsize=6, color="red")
+    fig.suptitle(f"first conv layer: {n} filters (all-zero ones marked 0)", fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
+    plt.close(fig)
+    return image
+
+
+def _save_png(image: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.imsave(path, image)
+
+
+def run(
+    recipe: str, overrides: list[str] | None = None, *, baseline: bool = False, out_dir: str | None = None
+) -> RunResult:
+    """Run the whole pipeline for ``recipe`` (a LightningCLI YAML) and write the report; returns the figures."""
+    overrides = list(overrides or [])
+    if not Path(recipe).is_file():
+        raise FileNotFoundError(f"recipe {recipe!r} does not exist (expected a YAML file, e.g. recipes/*.yaml)")
+    t0 = time.perf_counter()
+    baseline_acc = None
+    if baseline:  # same recipe, same seed, without the SSL callback
+        base = _build(recipe, overrides)
+        _ssl_callback(base.trainer, recipe)
+        base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, StructuredSparsity)]  # type: ignore[attr-defined]
+        base.trainer.fit(base.model, datamodule=base.datamodule)
+        baseline_acc = _metric(base.trainer, "val_acc", base.datamodule)
+    main = _build(recipe, overrides)
+    trainer, model, data = main.trainer, main.model, main.datamodule
+    ssl = _ssl_callback(trainer, recipe)
+    trainer.fit(model, datamodule=data)
+    val_acc = _metric(trainer, "val_acc", data)
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(f"run needs an ImageClassifier model, got {type(model).__name__}")
+    net = model.model.eval()
+    out = Path(out_dir) if out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "ssl_run"
+    out.mkdir(parents=True, exist_ok=True)
+    x = _val_batch(data, 64).to(model.device)
+    sparsity = sparsity_report(net, x[:1])
+    result = RunResult(out, val_acc, baseline_acc, sparsity)
+    info = compact_with_info(net, x)  # raises CompactionError if the compacted model differs
+    for batch in sorted({1, len(x)}):
+        result.compaction[batch] = compaction_report(net, info.model, x[:batch])
+    result.seconds = time.perf_counter() - t0
+    _write(result, info, net, ssl, recipe)
+    _log(trainer, result)
+    print(_summary_text(result, recipe))
+    return result
+
+
+def _metric(trainer: pl.Trainer, key: str, data: pl.LightningDataModule) -> float:
+    value = trainer.callback_metrics.get(key)
+    if value is None:  # no validation ran during fit (e.g. limit_val_batches=0): validate once now
+        trainer.validate(trainer.lightning_module, datamodule=data, verbose=False)
+        value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else float("nan")
+
+
+def _write(result: RunResult, info: Any, net: nn.Module, ssl: StructuredSparsity, recipe: str) -> None:
+    out = result.out_dir
+    _save_png(plot_layer_sparsity(result.sparsity), out / "layer_sparsity.png")
+    first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None:
+        _save_png(plot_filters(first), out / "conv1_filters.png")
+    data = {
+        "recipe": recipe,
+        "summary": result.summary(),
+        "sparsity": result.sparsity.to_dict(),
+        "compaction": {str(b): r.to_dict() for b, r in result.compaction.items()},
+        "compacted_layers": info.replaced,
+        "depth_removed": [e["module"] for e in info.depth],
+        "notes": info.notes,
+        "lambdas": ssl.lambdas,
+        "max_abs_error": info.max_abs_error,
+    }
+    (out / "report.json").write_text(json.dumps(data, indent=1, default=float))
+    lines = [f"# SSL run: `{recipe}`", "", _summary_text(result, recipe), "", "## Per-layer structure", "", "```"]
+    lines += [result.sparsity.to_text(), "```", ""]
+    for batch, rep in result.compaction.items():
+        lines += [f"## Dense vs compacted, batch {batch}", "", rep.to_markdown(), ""]
+    lines += ["![per-layer sparsity](layer_sparsity.png)", "", "![first conv layer filters](conv1_filters.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _log(trainer: pl.Trainer, result: RunResult) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    metrics = {f"run/{k}": float(v) for k, v in result.summary().items() if isinstance(v, int | float)}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):
+            for png in ("layer_sparsity.png", "conv1_filters.png"):
+                if (result.out_dir / png).exists():
+                    logger.log_image(f"run/{png[:-4]}", [str(result.out_dir / png)], step=trainer.global_step)
+        logger.save()
+
+
+def _summary_text(result: RunResult, recipe: str) -> str:
+    t = result.sparsity.totals()
+    parts = [f"val acc {100 * result.val_acc:.2f} %"]
+    if result.baseline_acc is not None:
+        parts.append(f"dense baseline {100 * result.baseline_acc:.2f} %")
+    parts.append(f"FLOP remaining {100 * t['flop_fraction']:.1f} %")
+    conv_flops = [f"{s.name} {100 * s.flop_fraction:.1f} %" for s in result.sparsity.layers if s.kind == "conv"]
+    speed = ", ".join(f"batch {b}: {r.speedup:.2f}x" for b, r in result.compaction.items())
+    return (
+        f"{recipe}: {'; '.join(parts)} (conv FLOP: {', '.join(conv_flops)}); compacted speedup {speed}; "
+        f"{result.seconds:.0f} s; report: {result.out_dir / 'report.md'}"
+    )
+
+
+def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None, *, out_dir: str | None = None) -> Path:
+    """Run ``recipe`` once per λ (every group type of its StructuredSparsity set to it) and plot accuracy
+    against remaining FLOPs; writes ``sweep.csv`` and ``sweep.png`` into ``out_dir`` and returns it."""
+    if not lambdas or any(not (lam >= 0) for lam in lambdas):
+        raise ValueError(f"--lambda needs one or more values >= 0, got {lambdas}")
+    out = Path(out_dir or "runs/sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for lam in lambdas:
+        cli = _build(recipe, list(overrides or []))
+        ssl = _ssl_callback(cli.trainer, recipe)
+        ssl.lambdas = dict.fromkeys(ssl.lambdas, lam)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        net = copy.deepcopy(cli.model.model).eval()
+        rep = sparsity_report(net, _val_batch(cli.datamodule, 1).to(cli.model.device))
+        rows.append({"lambda": lam, "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule), **rep.totals()})
+        print(f"λ={lam:g}: val acc {100 * rows[-1]['val_acc']:.2f} %, FLOP {100 * rows[-1]['flop_fraction']:.1f} %")
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
+    ax.plot([100 * r["flop_fraction"] for r in rows], [100 * r["val_acc"] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(f"λ={r['lambda']:g}", (100 * r["flop_fraction"], 100 * r["val_acc"]), fontsize=7)
+    ax.set_xlabel("FLOP remaining (%)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(Path(recipe).name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png")
+    plt.close(fig)
+    print(f"sweep: {out / 'sweep.csv'}, {out / 'sweep.png'}")
+    return out

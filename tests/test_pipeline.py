@@ -1,0 +1,66 @@
+"""`ssl-lightning run` / `sweep`: the whole pipeline on the embedded data, a few steps, report files checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from ssl_lightning.cli import main
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "lenet_mnist5k_shapes.yaml")
+# Two epochs of 3 steps: SSL from the start, pruned after epoch 1, so every stage runs.
+QUICK = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.enable_checkpointing", "false",
+         "--trainer.callbacks.init_args.phases", "{ssl: [0, 1], finetune: [1, null]}",
+         "--trainer.callbacks.init_args.lambdas", "{shape: 5.0, channel: 5.0}"]  # fmt: skip
+
+
+def test_run_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    main(["run", RECIPE, "--baseline", "--out", str(out), *QUICK, "--trainer.default_root_dir", str(tmp_path)])
+    summary_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (
+        "val acc" in summary_line and "dense baseline" in summary_line and "compacted speedup batch 1" in summary_line
+    )
+    for name in ("report.md", "report.json", "layer_sparsity.png", "conv1_filters.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert 0 <= s["val_acc"] <= 1 and 0 <= s["baseline_val_acc"] <= 1
+    assert s["conv2/flop_fraction"] < 1.0  # λ=5 for 3 steps zeroes filter shapes of conv2
+    assert s["speedup_batch1"] > 0 and set(report["compaction"]) == {"1", "64"}
+    md = (out / "report.md").read_text()
+    assert "## Per-layer structure" in md and "| **model** |" in md and "conv1_filters.png" in md
+
+
+def test_sweep_writes_csv_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    main(
+        ["sweep", RECIPE, "--lambda", "0", "5", "--out", str(out), *QUICK, "--trainer.default_root_dir", str(tmp_path)]
+    )
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["lambda"]) for r in rows] == [0.0, 5.0]
+    assert float(rows[1]["flop_fraction"]) < float(rows[0]["flop_fraction"])  # larger λ, fewer FLOPs
+    assert (out / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' does not exist"),
+        (["sweep", RECIPE], "sweep needs --lambda"),
+        (["sweep", RECIPE, "--lambda", "x"], "--lambda values must be numbers"),
+        (["run"], "usage: ssl-lightning run RECIPE"),
+    ],
+)
+def test_pipeline_user_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
