@@ -12,11 +12,19 @@ several λ and plots accuracy against remaining FLOPs.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from ssl_lightning.models import ImageClassifier
+
+# Parse errors raise (argparse.ArgumentError) instead of printing the whole usage; main() prints one line.
+PARSER_KWARGS: dict[str, Any] = {
+    "exit_on_error": False,
+    **{cmd: {"exit_on_error": False} for cmd in ("fit", "validate", "test", "predict")},
+}
 
 
 def cli(args: list[str] | None = None) -> LightningCLI:
@@ -25,12 +33,13 @@ def cli(args: list[str] | None = None) -> LightningCLI:
         ImageClassifier,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs=PARSER_KWARGS,
         args=args,
     )
 
 
 # Errors a user fixes in the recipe or on the command line: one line, exit code 2, no stack trace.
-_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError)
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError, argparse.ArgumentError)
 
 
 def _pop_option(argv: list[str], name: str, nargs: str = "1") -> list[str] | None:
@@ -86,7 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     except _USER_ERRORS as err:
         if verbose:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        # A parser error spans lines (key, then the problem): join them; other errors: the first line.
+        msg = (
+            " ".join(text.split()) if isinstance(err, argparse.ArgumentError) else text.splitlines()[0] if text else ""
+        )
+        msg = msg or type(err).__name__
         print(f"ssl-lightning: error: {msg} (run with --verbose for the stack trace)", file=sys.stderr)
         raise SystemExit(2) from None
 

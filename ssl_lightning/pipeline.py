@@ -69,6 +69,7 @@ def _build(recipe: str, overrides: list[str]) -> LightningCLI:
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
+        parser_kwargs={"exit_on_error": False},
         args=["--config", recipe, *overrides],
     )
 

@@ -59,11 +59,27 @@ def test_imagenet_recipe_runs_on_an_image_folder(tmp_path: Path) -> None:
     assert run.trainer.global_step == 1  # 2 training images in batches of 2
 
 
-def test_unknown_recipe_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1"),
+        (["--model.lr", "fast"], "Parser key \"model.lr\": Expected a <class 'float'>. Got value: fast"),
+        (["--model.model.class_path", "ssl_lightning.models.LeNett"], "has no attribute 'LeNett'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["fit", "run"])
+def test_recipe_typos_are_one_line_errors(
+    command: str, extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ssl_lightning.cli import main
+
+    recipe = str(RECIPES / "lenet_mnist5k_shapes.yaml")
+    argv = ["fit", "--config", recipe, *extra] if command == "fit" else ["run", recipe, *extra]
     with pytest.raises(SystemExit) as exit_info:
-        cli(["fit", "--config", str(RECIPES / "lenet_mnist5k_shapes.yaml"), "--model.lrr", "0.1"])
-    assert exit_info.value.code != 0
-    assert "lrr" in capsys.readouterr().err
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ssl-lightning: error:") and message in err[0], err
 
 
 def test_every_recipe_is_tested() -> None:
