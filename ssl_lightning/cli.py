@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("run", "sweep"):
             _pipeline(argv)
         else:
-            cli(argv)
+            cli(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself (no warning)
     except _USER_ERRORS as err:
         if verbose:
             raise
