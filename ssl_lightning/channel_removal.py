@@ -79,12 +79,62 @@ def _rows_zero(mod: nn.Module) -> Tensor | None:
     return (w.detach().reshape(w.shape[0], -1) == 0).all(1)
 
 
+def _input_taps(conv: nn.Conv2d) -> Tensor:
+    """[out, in] weight summed over the kernel, as a dense (ungrouped) matrix: a constant input channel c adds
+    v_c * taps[:, c] to every output position a padding-free conv computes."""
+    w = _weight(conv).sum((2, 3))  # [out, in/g]
+    g = conv.groups
+    if g == 1:
+        return w
+    og, ig = w.shape[0] // g, w.shape[1]
+    dense = w.new_zeros(w.shape[0], ig * g)
+    for j in range(g):
+        dense[j * og : (j + 1) * og, j * ig : (j + 1) * ig] = w[j * og : (j + 1) * og]
+    return dense
+
+
 def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor:
     """[size] bool: consumer ignores the channel (its input-weight slice is all zero)."""
     w = _weight(mod)
+    if isinstance(mod, nn.Conv2d) and mod.groups > 1:  # channel c lives in the rows of group c // (in/g)
+        g = mod.groups
+        zero = (w.reshape(g, w.shape[0] // g, w.shape[1], -1) == 0).all(3).all(1)  # [g, in/g]
+        return zero.flatten()[off : off + size]
     if isinstance(mod, nn.Conv2d):
         return (w[:, off : off + size] == 0).flatten(2).all(2).all(0)
     return (w[:, off * hw : (off + size) * hw].reshape(w.shape[0], size, hw) == 0).all(2).all(0)
+
+
+def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module]) -> Tensor:
+    """Grouped convs need the same number of channels in each of their groups: bring back removable channels
+    (largest producer weights first) in blocks that keep fewer, until every grouped producer / consumer agrees."""
+    blocks = {
+        m.groups
+        for name in sp.producers + [c for c, _, _ in sp.consumers]
+        if isinstance(m := modules[name], nn.Conv2d) and 1 < m.groups < m.in_channels
+    }
+    if not blocks:
+        return removable
+    n = removable.numel()
+    score = torch.zeros(n)
+    for name in sp.producers:
+        score += _weight(modules[name]).reshape(n, -1).float().norm(dim=1)
+    out = removable.clone()
+    changed = True
+    while changed:
+        changed = False
+        for g in sorted(blocks):
+            kept = (~out).view(g, n // g).sum(1)
+            target = int(kept.max())
+            for j in range(g):
+                need = target - int(kept[j])
+                if need > 0:
+                    idx = torch.arange(j * (n // g), (j + 1) * (n // g))
+                    cand = idx[out[idx]]
+                    back = cand[score[cand].argsort(descending=True, stable=True)[:need]]
+                    out[back] = False
+                    changed = True
+    return out
 
 
 def _capture_inputs(
@@ -152,7 +202,7 @@ def plan_channel_removal(
                 ok &= ~nonzero
             removable &= ignored | ok
             folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
-        removable = _align(removable, sp, modules, align)
+        removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules)
         if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
             removable[0] = False
         if not removable.any():
@@ -162,13 +212,13 @@ def plan_channel_removal(
             plan.out_keep[name] = keep.tolist()
         for name, off, hw, values in folds:
             mod = modules[name]
-            width = _weight(mod).shape[1]
+            width = mod.in_channels if isinstance(mod, nn.Conv2d) else _weight(mod).shape[1]
             mask = in_masks.setdefault(name, torch.ones(width, dtype=torch.bool))
             gone = removable.nonzero().flatten()
             if isinstance(mod, nn.Conv2d):
                 mask[off + gone] = False
-                w = _weight(mod)[:, off + gone].sum((2, 3))  # [out, removed]
-                corr = w @ values[gone, 0].to(w.dtype)
+                taps = _input_taps(mod)[:, off + gone]  # [out, removed]
+                corr = taps @ values[gone, 0].to(taps.dtype)
             else:
                 feats = ((off + gone)[:, None] * hw + torch.arange(hw)).flatten()
                 mask[feats] = False
@@ -292,9 +342,18 @@ def _check_index(name: str, keep: Tensor, size: int) -> None:
         raise ValueError(f"channel plan for {name!r} keeps index {int(keep.max())}, but it has only {size}")
 
 
+def _check_blocks(name: str, keep: Tensor, size: int, groups: int) -> None:
+    counts = torch.bincount(keep // (size // groups), minlength=groups)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"channel plan for {name!r} keeps {counts.tolist()} channels in its {groups} groups; "
+                         "a grouped conv needs the same number in each")  # fmt: skip
+
+
 def _slice_out(name: str, mod: nn.Module, keep: Tensor) -> None:
     if isinstance(mod, nn.Conv2d):
         _check_index(name, keep, mod.out_channels)
+        if 1 < mod.groups < mod.in_channels:
+            _check_blocks(name, keep, mod.out_channels, mod.groups)
         depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
         mod.weight = _param(mod.weight[keep], mod.weight)
         if mod.bias is not None:
@@ -330,6 +389,15 @@ def _slice_in(name: str, mod: nn.Module, keep: Tensor) -> None:
     if isinstance(mod, nn.Conv2d) and mod.groups == 1:
         _check_index(name, keep, mod.in_channels)
         mod.weight = _param(mod.weight[:, keep], mod.weight)
+        mod.in_channels = keep.numel()
+    elif isinstance(mod, nn.Conv2d) and mod.groups < mod.in_channels:  # grouped: per-group local indices
+        g, ig = mod.groups, mod.in_channels // mod.groups
+        _check_index(name, keep, mod.in_channels)
+        _check_blocks(name, keep, mod.in_channels, g)
+        og = mod.weight.shape[0] // g
+        local = (keep % ig).view(g, -1)  # [g, kept per group]
+        parts = [mod.weight[j * og : (j + 1) * og][:, local[j]] for j in range(g)]
+        mod.weight = _param(torch.cat(parts), mod.weight)
         mod.in_channels = keep.numel()
     elif isinstance(mod, nn.Linear):
         _check_index(name, keep, mod.in_features)

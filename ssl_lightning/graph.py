@@ -184,9 +184,17 @@ class _Analyzer:
                         for sid, _ in x.segments:
                             self.space(sid).passthrough.append(name)
                         out = x  # depthwise: channel c in -> channel c out
-                    else:
-                        self.block(x, f"grouped conv {name} (groups={mod.groups})")
-                        sid = self.new_space(mod.out_channels, f"grouped conv {name}")
+                    elif mod.groups < mod.in_channels:  # grouped: whole input in equal blocks, fresh output
+                        if len(x.segments) > 1:
+                            self.block(x, f"grouped conv {name} reads a concatenation")
+                        else:
+                            self.consume(x, name, mod.in_channels)
+                        sid = self.new_space(mod.out_channels)
+                        self.spaces[sid].producers.append(name)
+                        out = _Value([(sid, mod.out_channels)])
+                    else:  # depthwise with a channel multiplier: not followed
+                        self.block(x, f"depthwise conv {name} with channel multiplier")
+                        sid = self.new_space(mod.out_channels, f"depthwise conv {name} with channel multiplier")
                         out = _Value([(sid, mod.out_channels)])
                 elif isinstance(mod, nn.Linear) and isinstance(x, _Value):
                     anc.add(name)

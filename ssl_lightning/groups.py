@@ -290,6 +290,13 @@ def _coupled_group(
     for name, off, hw in sp.consumers:
         mod = modules[name]
         w = weight_of(mod)
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+            # Grouped conv reading the whole space: input channel c = j * (C/g) + local sits in the rows
+            # of group j only; view [g, out/g, C/g, k] and reduce rows and taps -> one norm per channel.
+            g = mod.groups
+            view4 = (g, w.shape[0] // g, w.shape[1], w.shape[2] * w.shape[3])
+            members.append(Member(f"{name}.weight", w, view4, (1, 3)))
+            continue
         if isinstance(mod, nn.Conv2d):
             view: tuple[int, ...] = (w.shape[0], w.shape[1], w.shape[2] * w.shape[3])
         else:

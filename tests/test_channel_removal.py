@@ -357,3 +357,42 @@ def test_mlp_input_pixels_with_all_zero_connections_are_gathered_out(tmp_path) -
     fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     x = torch.randn(3, 784)
     torch.testing.assert_close(fresh(x), info.model(x), rtol=0, atol=0)
+
+
+class GroupedChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 12, 3, groups=2)  # no padding: constants fold into its bias
+        self.c = nn.Conv2d(12, 6, 1, groups=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.b(F.relu(self.a(x))))
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def test_grouped_convs_keep_equal_channel_counts_per_group_and_fold_per_group() -> None:
+    torch.manual_seed(10)
+    m = GroupedChain()
+    with torch.no_grad():
+        m.a.bias.abs_()  # ReLU(bias) > 0: nonzero constants, folded into b's rows of the channel's group only
+        m.b.bias.abs_()
+    zero_filter(m.a, [0, 1, 5])  # b's groups hold channels 0-3 and 4-7: 2 vs 1 removable -> 1 each
+    zero_filter(m.b, [1, 7])  # one per group of b's outputs and of c's inputs (both 2 groups of 6)
+    info = compact_exact(m, torch.randn(2, 3, 9, 9))
+    out = info.model
+    assert out.a.out_channels == 6 and out.b.in_channels == 6 and out.b.weight.shape == (10, 3, 3, 3)
+    assert out.c.in_channels == 10 and out.c.weight.shape == (6, 5, 1, 1)
+    assert 5 not in info.channels.out_keep["a"] and len({0, 1} & set(info.channels.out_keep["a"])) == 1
+    # a: 2 filters + biases; b: 2 input channels x 6 rows of its group x 9 taps, 2 filters (3 x 9 + bias);
+    # c: 2 input channels x 3 rows; the zero filter of a kept for balance is skipped by a row-only conv (27)
+    assert n_params(m) - n_params(out) == 2 * 28 + 2 * 6 * 9 + 2 * 28 + 2 * 3 + 27
+    assert sorted(info.channels.folds) == ["b", "c"]
+
+
+def test_grouped_conv_plan_with_unequal_groups_is_rejected() -> None:
+    from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan
+
+    with pytest.raises(ValueError, match=r"keeps \[4, 2\] channels in its 2 groups; a grouped conv needs the same"):
+        apply_channel_plan(GroupedChain(), ChannelPlan(in_keep={"b": [0, 1, 2, 3, 4, 5]}))

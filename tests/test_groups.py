@@ -80,8 +80,19 @@ def test_coupled_filter_group_spans_bias_bn_and_consumer() -> None:
     groups = build_groups(net, {"filter": 1.0}, couple=True)
     (coupled,) = [g for g in groups if "conv1" in g.modules]
     names = {m.name for m in coupled.members}
-    # conv2 is grouped, so the conv1 space is blocked from coupling; fall back to a plain filter group
-    assert names == {"conv1.weight"}
+    # conv2 is grouped (2 groups of 4 channels): conv1 channel c is read by conv2's rows of group c // 4 only
+    assert names == {"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight"}
+    w2 = net.conv2.weight.detach()
+    expected_grouped = torch.stack(
+        [
+            torch.cat([
+                net.conv1.weight[c].flatten(), net.conv1.bias[c : c + 1], net.bn1.weight[c : c + 1],
+                net.bn1.bias[c : c + 1], w2[(c // 4) * 4 : (c // 4) * 4 + 4, c % 4].flatten(),
+            ]).norm()
+            for c in range(8)
+        ]
+    ).detach()  # fmt: skip
+    torch.testing.assert_close(coupled.norms(), expected_grouped, rtol=1e-5, atol=1e-6)
     seq = nn.Sequential(
         nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(4 * 4, 2)
     )
