@@ -105,9 +105,10 @@ def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor
     return (w[:, off * hw : (off + size) * hw].reshape(w.shape[0], size, hw) == 0).all(2).all(0)
 
 
-def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module]) -> Tensor:
-    """Grouped convs need the same number of channels in each of their groups: bring back removable channels
-    (largest producer weights first) in blocks that keep fewer, until every grouped producer / consumer agrees."""
+def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module], align: int = 1) -> Tensor:
+    """Grouped convs need the same number of channels in each of their groups (rounded up to ``align`` per
+    group): bring back removable channels (largest producer weights first) in blocks that keep fewer, until
+    every grouped producer / consumer agrees."""
     blocks = {
         m.groups
         for name in sp.producers + [c for c, _, _ in sp.consumers]
@@ -125,7 +126,7 @@ def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Mod
         changed = False
         for g in sorted(blocks):
             kept = (~out).view(g, n // g).sum(1)
-            target = int(kept.max())
+            target = min(n // g, -(-int(kept.max()) // align) * align)
             for j in range(g):
                 need = target - int(kept[j])
                 if need > 0:
@@ -202,7 +203,7 @@ def plan_channel_removal(
                 ok &= ~nonzero
             removable &= ignored | ok
             folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
-        removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules)
+        removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules, align)
         if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
             removable[0] = False
         if not removable.any():
