@@ -10,9 +10,9 @@ of a space is removed when every consumer can do without it:
 * the channel is *structurally constant* (every producer's row is zero, so only biases and shifts flow
   on; a constant measured without that could be a ReLU that merely never fired on the examples) and the
   value measured at the consumer's input is constant over the example inputs. The constant is then
-  folded into the consumer's bias: exactly for a Linear (one value per flattened position is allowed)
-  and for a conv without zero padding. Behind zero padding a constant reaches border outputs only
-  through the in-bounds taps, so a padded conv keeps a channel whose constant is not zero.
+  folded: into the bias of a Linear (one value per flattened position is allowed) or of a conv without
+  zero padding; behind zero padding it reaches border outputs only through the in-bounds taps, so the
+  conv is wrapped in :class:`PaddedFoldConv2d`, which adds that per-position map.
 
 Spaces that reach the model output or input, pass an op the analysis does not follow, pass a
 channel-mixing op (LRN) or touch a module called twice are left alone. The plan is plain data
@@ -24,13 +24,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning.graph import ChannelSpace, analyze
 
-__all__ = ["ChannelPlan", "apply_channel_plan", "plan_channel_removal"]
+__all__ = ["ChannelPlan", "PaddedFoldConv2d", "apply_channel_plan", "plan_channel_removal"]
+
+
+class PaddedFoldConv2d(nn.Module):
+    """``conv(x)`` plus what removed constant input channels contributed behind zero padding.
+
+    A constant channel value v reaches output (i, j) only through the taps that fall inside the input, so its
+    contribution is a map [out, Ho, Wo], not a bias. ``border`` holds that map for the input size seen at
+    compaction (saved with the state_dict); another input size recomputes it from ``fold_weight`` [out, R, kh,
+    kw] and ``fold_value`` [R] (one small conv of a constant image).
+    """
+
+    fold_weight: Tensor
+    fold_value: Tensor
+    border: Tensor
+
+    def __init__(self, conv: nn.Module, fold_weight: Tensor, fold_value: Tensor, size: Sequence[int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)  # type: ignore[arg-type]
+        self.dilation = tuple(conv.dilation)  # type: ignore[arg-type]
+        self.register_buffer("fold_weight", fold_weight.detach().clone())
+        self.register_buffer("fold_value", fold_value.detach().clone())
+        self.register_buffer("border", self._border(int(size[0]), int(size[1])))
+
+    def _border(self, h: int, w: int) -> Tensor:
+        r = self.fold_value.numel()
+        image = self.fold_value.view(1, r, 1, 1).to(self.fold_weight.dtype).expand(1, r, h, w)
+        return F.conv2d(image, self.fold_weight, None, self.stride, self.padding, self.dilation)[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if y.shape[-2:] == self.border.shape[-2:]:
+            return y + self.border.to(y.dtype)
+        return y + self._border(x.shape[-2], x.shape[-1]).to(y.dtype)  # other input size: recompute
 
 
 @dataclass
@@ -40,18 +76,21 @@ class ChannelPlan:
     out_keep: producer / passthrough modules -> kept output channels (conv filters, Linear neurons, BN channels).
     in_keep: consumers -> kept input channels (conv) or input features (Linear).
     folds: consumers whose bias receives folded constants (a bias is created when the module had none).
-    kept_constant: notes on channels that could not be folded (padded consumer), for the report.
+    padded: zero-padded conv consumers that lost nonzero constant channels -> {"removed": R, "size": [H, W]};
+        they become :class:`PaddedFoldConv2d` (the constants' per-position contribution, border taps included).
+    kept_constant: notes on channels that could not be folded, for the report.
     """
 
     out_keep: dict[str, list[int]] = field(default_factory=dict)
     in_keep: dict[str, list[int]] = field(default_factory=dict)
     folds: list[str] = field(default_factory=list)
+    padded: dict[str, dict[str, Any]] = field(default_factory=dict)
     kept_constant: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # spaces left whole, with the reason
     unsupported: list[str] = field(default_factory=list)  # modules / ops the graph analysis cannot follow
 
     def to_dict(self) -> dict[str, object]:
-        return {"out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds}
+        return {"out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds, "padded": self.padded}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ChannelPlan:
@@ -60,8 +99,11 @@ class ChannelPlan:
         folds = d.get("folds", [])
         if not (isinstance(out_keep, dict) and isinstance(in_keep, dict) and isinstance(folds, list)):
             raise ValueError("channel plan needs 'out_keep' and 'in_keep' mappings and a 'folds' list")
+        padded = d.get("padded", {})
+        if not isinstance(padded, dict):
+            raise ValueError("channel plan 'padded' must be a mapping")
         return cls({str(k): list(v) for k, v in out_keep.items()}, {str(k): list(v) for k, v in in_keep.items()},
-                   [str(f) for f in folds])  # fmt: skip
+                   [str(f) for f in folds], {str(k): dict(v) for k, v in padded.items()})  # fmt: skip
 
 
 def _weight(mod: nn.Module) -> Tensor:
@@ -77,6 +119,19 @@ def _rows_zero(mod: nn.Module) -> Tensor | None:
     if not isinstance(w, Tensor):
         return None
     return (w.detach().reshape(w.shape[0], -1) == 0).all(1)
+
+
+def _dense_taps(conv: nn.Conv2d, channels: Tensor) -> Tensor:
+    """[out, len(channels), kh, kw]: each listed input channel's kernel taps for every output row (zeros for
+    rows of other groups in a grouped conv)."""
+    w = _weight(conv)
+    g = conv.groups
+    og, ig = w.shape[0] // g, w.shape[1]
+    out = w.new_zeros(w.shape[0], channels.numel(), w.shape[2], w.shape[3])
+    for r, c in enumerate(channels.tolist()):
+        j, local = divmod(c, ig)
+        out[j * og : (j + 1) * og, r] = w[j * og : (j + 1) * og, local]
+    return out
 
 
 def _input_taps(conv: nn.Conv2d) -> Tensor:
@@ -166,7 +221,8 @@ def plan_channel_removal(
     trials: input tuples for measuring constant channels (``run(model, trial)`` runs the model on one).
     align: round every space's kept channel count up to a multiple of this (keeping the removable
     channels with the largest weights), since oneDNN/cuDNN run slower on odd channel counts.
-    Returns the plan and, per folded consumer, the bias correction [out] to add.
+    Returns the plan and the values to fold: per consumer, the bias correction [out] to add, and for a
+    zero-padded consumer ``"<name>#fold_weight"`` / ``"<name>#fold_value"`` (see :class:`PaddedFoldConv2d`).
     """
     if align < 1:
         raise ValueError(f"align must be an integer >= 1, got {align!r}")
@@ -176,6 +232,7 @@ def plan_channel_removal(
     consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
     measured = _capture_inputs(model, consumers, trials, run)
     corrections: dict[str, Tensor] = {}
+    padded: dict[str, tuple[Tensor, Tensor]] = {}  # consumer -> (dense taps [out, R, kh, kw], values [R])
     in_masks: dict[str, Tensor] = {}
     for sp in analysis.spaces:
         reason = _skip_reason(sp, analysis.multi_called, modules)
@@ -195,11 +252,13 @@ def plan_channel_removal(
             ignored = _consumer_slice_zero(mod, off, n, hw)
             values = _constant_values(measured[name], mod, off, n, hw, rtol)  # [n, hw], nan where not constant
             ok = torch.isfinite(values).all(1) & constant
-            if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and _has_padding(mod):
+            if isinstance(mod, nn.Conv2d) and _has_padding(mod) and mod.padding_mode != "zeros":
+                pass  # reflect / replicate / circular padding repeats the constant: a plain bias fold is exact
+            elif isinstance(mod, nn.Conv2d) and _has_padding(mod) and isinstance(mod.padding, str):
                 nonzero = ok & (values != 0).any(1) & ~ignored
                 for c in nonzero.nonzero().flatten().tolist():
                     plan.kept_constant.append(f"{name} input channel {off + c}: constant {float(values[c, 0]):.3g} "
-                                              "behind zero padding")  # fmt: skip
+                                              f"behind padding={mod.padding!r}")  # fmt: skip
                 ok &= ~nonzero
             removable &= ignored | ok
             folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
@@ -216,6 +275,16 @@ def plan_channel_removal(
             width = mod.in_channels if isinstance(mod, nn.Conv2d) else _weight(mod).shape[1]
             mask = in_masks.setdefault(name, torch.ones(width, dtype=torch.bool))
             gone = removable.nonzero().flatten()
+            if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and _has_padding(mod):
+                mask[off + gone] = False
+                live = gone[values[gone, 0] != 0]
+                if live.numel():  # nonzero constants behind zero padding: per-position map
+                    prev = padded.get(name)
+                    fw, fv = _dense_taps(mod, off + live), values[live, 0]
+                    padded[name] = (fw, fv) if prev is None else (torch.cat([prev[0], fw], 1), torch.cat([prev[1], fv]))
+                    size = list(measured[name][0].shape[-2:])
+                    plan.padded[name] = {"removed": int(padded[name][1].numel()), "size": size}
+                continue
             if isinstance(mod, nn.Conv2d):
                 mask[off + gone] = False
                 taps = _input_taps(mod)[:, off + gone]  # [out, removed]
@@ -230,6 +299,8 @@ def plan_channel_removal(
     for name, mask in in_masks.items():
         plan.in_keep[name] = mask.nonzero().flatten().tolist()
     plan.folds = sorted(corrections)
+    for name, (fw, fv) in padded.items():
+        corrections[f"{name}#fold_weight"], corrections[f"{name}#fold_value"] = fw, fv
     return plan, corrections
 
 
@@ -302,7 +373,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
     Raises ``ValueError`` naming the module when the model does not fit the plan.
     """
     modules = dict(model.named_modules())
-    for name in set(plan.out_keep) | set(plan.in_keep) | set(plan.folds):
+    for name in set(plan.out_keep) | set(plan.in_keep) | set(plan.folds) | set(plan.padded):
         if name not in modules and not (name in plan.out_keep and isinstance(_buffer(model, name), Tensor)):
             raise ValueError(f"channel plan names {name!r}, which this model does not have")
     with torch.no_grad():
@@ -328,6 +399,18 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 setattr(owner, attr, _param(sliced, buf) if isinstance(buf, nn.Parameter) else sliced)
         for name, keep_list in plan.in_keep.items():
             _slice_in(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
+        for name, spec in plan.padded.items():
+            conv = modules[name]
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(f"channel plan folds padded constants into {name!r}, a {type(conv).__name__}")
+            fw = (corrections or {}).get(f"{name}#fold_weight")
+            fv = (corrections or {}).get(f"{name}#fold_value")
+            if fw is None or fv is None:  # rebuilding the structure: values come from the state_dict
+                fw = conv.weight.new_zeros(conv.out_channels, int(spec["removed"]), *conv.kernel_size)
+                fv = conv.weight.new_zeros(int(spec["removed"]))
+            elif name in plan.out_keep:  # the consumer lost output rows too
+                fw = fw[torch.tensor(plan.out_keep[name], dtype=torch.long)]
+            model.set_submodule(name, PaddedFoldConv2d(conv, fw, fv, spec["size"]))
 
 
 def _buffer(model: nn.Module, name: str) -> object:

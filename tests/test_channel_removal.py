@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning import compact_with_info
+from ssl_lightning.channel_removal import PaddedFoldConv2d
 from ssl_lightning.models import MLP, LeNet, resnet20
 
 
@@ -77,22 +78,22 @@ def test_conv_bn_chain_removes_coupled_channels_and_folds_into_linear() -> None:
     zero_filter(m.conv2, [0, 3, 5, 30])  # bias and BN shift stay: constant, folded into fc's bias
     info = compact_exact(m, torch.randn(2, 3, 16, 16))
     out = info.model
-    removed1, removed2 = 4, 4  # conv1: {1, 4, 9, 12}; channel 6 kept (padded consumer); conv2: {0, 3, 5, 30}
+    removed1, removed2 = 5, 4  # conv1: {1, 4, 6, 9, 12}; conv2: {0, 3, 5, 30}
     expected = (
         removed1 * (3 * 9 + 2 + 32 * 9)  # conv1 filters, BN1 affine, conv2 input channels
         + removed2 * ((16 - removed1) * 9 + 1 + 2 + 10)  # conv2 filters + bias, BN2 affine, fc input features
-        + 3 * 9  # the kept zero filter 6 is skipped by conv1's row-only CompactConv2d
     )
     assert n_params(m) - n_params(out) == expected
-    assert (
-        out.conv1.out_channels == 12
-        and out.conv1.impl == "rows"
-        and out.bn1.num_features == 12
-        and out.conv2.in_channels == 12
-    )
-    assert out.fc.in_features == 28
-    assert any("conv2 input channel 6" in note for note in info.channels.kept_constant)
+    assert out.conv1.out_channels == 11 and out.bn1.num_features == 11 and out.fc.in_features == 28
+    # Channel 6's constant ReLU(0.7) sits behind conv2's zero padding: folded as a per-position map.
+    assert isinstance(out.conv2, PaddedFoldConv2d) and out.conv2.conv.in_channels == 11
+    assert out.conv2.border.shape == (28, 16, 16) and info.channels.padded["conv2"] == {"removed": 1, "size": [16, 16]}
+    border = out.conv2.border
+    assert not torch.allclose(border[:, 0, 0], border[:, 8, 8])  # corners see fewer taps than the interior
     assert info.channels.folds == ["fc"]
+    with torch.no_grad():  # another input size recomputes the map
+        x = torch.randn(2, 3, 11, 13)
+        assert rel_err(m(x), out(x)) <= 1e-5
 
 
 def test_lenet_and_mlp_remove_neurons_and_fold_constants() -> None:
@@ -396,3 +397,23 @@ def test_grouped_conv_plan_with_unequal_groups_is_rejected() -> None:
 
     with pytest.raises(ValueError, match=r"keeps \[4, 2\] channels in its 2 groups; a grouped conv needs the same"):
         apply_channel_plan(GroupedChain(), ChannelPlan(in_keep={"b": [0, 1, 2, 3, 4, 5]}))
+
+
+def test_uncoupled_zero_filters_behind_padding_are_removed_exactly_and_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssl_lightning import apply_compaction_plan, compaction_plan
+
+    torch.manual_seed(11)
+    m = resnet20()
+    randomize_bn(m, 11)
+    for b in (0, 4, 7):  # plain filter groups (couple=False): weights zero, BN shift and running mean stay
+        zero_filter(m.blocks[b].conv1, [0, 2, 3])
+    x = torch.randn(2, 3, 32, 32)
+    info = compact_exact(m, x)
+    out = info.model
+    assert sorted(info.channels.padded) == ["blocks.0.conv2", "blocks.4.conv2", "blocks.7.conv2"]
+    assert out.blocks[4].conv1.out_channels == 29 and isinstance(out.blocks[4].conv2, PaddedFoldConv2d)
+    plan = compaction_plan(out)
+    torch.save(out.state_dict(), tmp_path / "w.pt")
+    fresh = apply_compaction_plan(resnet20().eval(), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    torch.testing.assert_close(fresh(x), out.eval()(x), rtol=0, atol=0)

@@ -27,6 +27,9 @@ def sparse_resnet() -> nn.Module:
         m.blocks[0].bn1.weight[[2, 5]] = 0
         m.blocks[0].bn1.bias[[2, 5]] = 0
         m.blocks[4].conv2.weight[:, :, :2] = 0  # filter shapes
+        half = list(range(1, 16, 2))  # 8 of 16: the default align=8 keeps the other 8
+        m.blocks[2].conv1.weight[half] = 0  # filters only (uncoupled): BN shift 0.5 -> constant behind padding
+        m.blocks[2].bn1.bias[half] = 0.5
     return m
 
 
@@ -67,7 +70,8 @@ def test_checkpoint_after_compaction_loads_and_resumes_identically(tmp_path: Pat
 def test_compacted_model_runs_under_torch_compile_and_export() -> None:
     model = sparse_resnet().eval()
     x = torch.randn(2, 3, 32, 32)
-    fast = compact(model, x, measure=False)  # depth-removed block, sliced channels, fused CompactConv2d
+    fast = compact(model, x, measure=False)  # depth-removed block, sliced channels, padded fold, fused op
+    assert type(fast.blocks[2].conv2).__name__ == "PaddedFoldConv2d"
     with torch.no_grad():
         want = fast(x)
         got = torch.compile(fast, fullgraph=True)(x)  # inductor; the custom op runs through its fake kernel
