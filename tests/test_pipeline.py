@@ -64,3 +64,19 @@ def test_pipeline_user_errors_are_one_line(argv: list[str], message: str, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> None:
+    from .conftest import read_wandb_history
+
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.offline", "true",
+              "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
+    main(["run", RECIPE, "--out", str(tmp_path / "run"), *QUICK, *logger])
+    import wandb
+
+    wandb.finish()  # the CLI process flushes at exit; in-process, finish the offline run before reading it
+    rows = read_wandb_history(tmp_path)
+    keys = {k for r in rows for k in r}
+    assert {"run/val_acc", "run/speedup_batch1", "run/conv2/flop_fraction"} <= keys
+    assert {"run/layer_sparsity/_type", "run/conv1_filters/_type"} <= keys  # the PNG charts as W&B images
