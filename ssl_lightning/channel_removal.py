@@ -107,10 +107,11 @@ class ChannelPlan:
 
 
 def _weight(mod: nn.Module) -> Tensor:
+    """A CPU copy of the module's weight: planning is bookkeeping, done on CPU whatever the model's device."""
     w = getattr(mod, "weight", None)
     if not isinstance(w, Tensor):
         raise TypeError(f"{type(mod).__name__} has no weight tensor")
-    return w.detach()
+    return w.detach().cpu()
 
 
 def _rows_zero(mod: nn.Module) -> Tensor | None:
@@ -118,7 +119,7 @@ def _rows_zero(mod: nn.Module) -> Tensor | None:
     w = getattr(mod, "weight", None)
     if not isinstance(w, Tensor):
         return None
-    return (w.detach().reshape(w.shape[0], -1) == 0).all(1)
+    return (w.detach().reshape(w.shape[0], -1) == 0).all(1).cpu()
 
 
 def _dense_taps(conv: nn.Conv2d, channels: Tensor) -> Tensor:
@@ -338,7 +339,7 @@ def _constant_values(seen: list[Tensor], mod: nn.Module, off: int, n: int, hw: i
             parts.append(x[:, off * hw : (off + n) * hw].reshape(-1, n, hw).permute(1, 2, 0))
     if not parts:  # never reached by the inputs: nothing can be measured
         return torch.full((n, hw), float("nan"))
-    v = torch.cat(parts, -1).float()
+    v = torch.cat(parts, -1).float().cpu()
     lo, hi = v.amin(-1), v.amax(-1)
     tol = rtol * torch.maximum(lo.abs(), hi.abs()) + 1e-30
     mean = v.mean(-1)
@@ -410,6 +411,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 fv = conv.weight.new_zeros(int(spec["removed"]))
             elif name in plan.out_keep:  # the consumer lost output rows too
                 fw = fw[torch.tensor(plan.out_keep[name], dtype=torch.long)]
+            fw, fv = fw.to(conv.weight), fv.to(conv.weight)  # model's device and dtype
             model.set_submodule(name, PaddedFoldConv2d(conv, fw, fv, spec["size"]))
 
 
