@@ -173,9 +173,7 @@ def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Mod
     if not blocks:
         return removable
     n = removable.numel()
-    score = torch.zeros(n)
-    for name in sp.producers:
-        score += _weight(modules[name]).reshape(n, -1).float().norm(dim=1)
+    score = _producer_norms(sp, modules, n)
     out = removable.clone()
     changed = True
     while changed:
@@ -346,16 +344,21 @@ def _constant_values(seen: list[Tensor], mod: nn.Module, off: int, n: int, hw: i
     return torch.where(hi - lo <= tol, mean, torch.full_like(mean, float("nan")))
 
 
+def _producer_norms(sp: ChannelSpace, modules: dict[str, nn.Module], n: int) -> Tensor:
+    """[n] summed weight norm of each channel's producer rows: which removable channels to bring back first."""
+    score = torch.zeros(n)
+    for name in sp.producers:
+        score += _weight(modules[name]).reshape(n, -1).float().norm(dim=1)
+    return score
+
+
 def _align(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module], align: int) -> Tensor:
     n = removable.numel()
     kept = int((~removable).sum())
     target = min(n, -(-max(kept, 1) // align) * align)
     if target <= kept:
         return removable
-    score = torch.zeros(n)  # bring back the removable channels with the largest producer weights
-    for name in sp.producers:
-        w = _weight(modules[name])
-        score += w.reshape(n, -1).float().norm(dim=1)
+    score = _producer_norms(sp, modules, n)  # bring back the removable channels with the largest weights
     score[~removable] = -1
     back = score.argsort(descending=True, stable=True)[: target - kept]
     out = removable.clone()
