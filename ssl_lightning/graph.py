@@ -29,12 +29,16 @@ _PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
     nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LocalResponseNorm,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 )  # fmt: skip
 _PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
     F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
     torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.local_response_norm,
+    F.interpolate, F.hardtanh, F.hardsigmoid, F.softplus, F.mish,
 }  # fmt: skip
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}  # over spatial dims: channels stay
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "to"}
 _BINARY = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
 _BINARY_METHODS = {"add", "add_", "sub", "mul"}
@@ -289,6 +293,14 @@ class _Analyzer:
             for val in vals:
                 self.block(val, f"{node.name}: concat along dim {dim}")
             return _Value([(self.new_space(None, f"{node.name}: concat"), None)])
+        if is_fn and target is F.pad and isinstance(x, _Value) and not x.flat:
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            if isinstance(pad, list | tuple) and len(pad) <= 4:  # pads W (and H) only
+                return x
+        if target in _REDUCTIONS and isinstance(x, _Value) and not x.flat:
+            reduced = self._spatial_reduction(node)
+            if reduced is not None:
+                return _Value(x.segments, flat=not reduced)  # keepdim: still [N, C, 1, 1]; else [N, C]
         flat_call = (is_fn and target in _FLATTEN_FUNCTIONS) or (not is_fn and target == "flatten")
         if flat_call and isinstance(x, _Value):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
@@ -306,6 +318,20 @@ class _Analyzer:
         if found:
             self.notes.append(reason)
             return _Value([(self.new_space(None, reason), None)])
+        return None
+
+    @staticmethod
+    def _spatial_reduction(node: fx.Node) -> bool | None:
+        """For mean/sum/amax over the spatial dims of an image tensor: keepdim; None for anything else."""
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        dims = {dim} if isinstance(dim, int) else set(dim) if isinstance(dim, list | tuple) else None
+        if dims is None or not isinstance(keepdim, bool):
+            return None
+        if keepdim and dims <= {2, 3, -1, -2}:
+            return True
+        if dims in ({2, 3}, {-1, -2}):  # [N, C, H, W] -> [N, C]
+            return False
         return None
 
     def _env_value(self, n: object) -> object:

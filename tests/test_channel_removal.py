@@ -417,3 +417,36 @@ def test_uncoupled_zero_filters_behind_padding_are_removed_exactly_and_round_tri
     fresh = apply_compaction_plan(resnet20().eval(), plan)
     fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
     torch.testing.assert_close(fresh(x), out.eval()(x), rtol=0, atol=0)
+
+
+class UpsampleCatPoolHead(nn.Module):
+    """U-Net-style skip (upsample + concat) and a MobileNet-style head (spatial mean -> Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = F.relu(self.enc(x))
+        d = F.pad(self.up(F.relu(self.down(e))), (0, 0, 0, 0))
+        y = F.relu(self.dec(torch.cat([e, d], dim=1)))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_upsample_concat_and_spatial_mean_head_are_followed() -> None:
+    torch.manual_seed(12)
+    m = UpsampleCatPoolHead()
+    with torch.no_grad():
+        m.down.bias.abs_()  # ReLU keeps the constants: a real fold, not zeros
+        m.dec.bias.abs_()
+    zero_filter(m.down, [1, 6])  # ReLU(bias) upsampled: constant, folded into dec (1x1) at offset 8
+    zero_filter(m.dec, [0, 4, 5])  # ReLU(bias) averaged: constant, folded into fc
+    info = compact_exact(m, torch.randn(2, 3, 8, 8))
+    out = info.model
+    assert out.down.out_channels == 6 and out.dec.in_channels == 14 and out.dec.out_channels == 9
+    assert out.fc.in_features == 9 and sorted(info.channels.folds) == ["dec", "fc"]
+    assert n_params(m) - n_params(out) == 2 * (8 * 9 + 1) + 2 * 12 + 3 * (14 + 1) + 3 * 3
