@@ -70,6 +70,9 @@ class StructuredSparsity(Callback):
             dense vs compacted, go to the trainer's loggers (``compaction/...``) and to :attr:`compaction`.
         compact_batch: number of samples used to check and time the compaction.
         compact_align: kept channel counts are rounded up to a multiple of this (1: exact), see ``compact``.
+        compact_when: ``"fit_end"`` (default) or ``"prune"``: compact at the end of the SSL phase, right after
+            pruning, so fine-tuning trains the smaller model; optimizer state (momentum, Adam moments) is carried
+            through the compaction plan and LR schedulers keep their state. Needs a ``finetune`` phase.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class StructuredSparsity(Callback):
         compact_at_end: str | None = None,
         compact_batch: int = 32,
         compact_align: int = 8,
+        compact_when: Literal["fit_end", "prune"] = "fit_end",
     ) -> None:
         validate_lambdas(lambdas)
         _check_choice("method", method, ("proximal", "gradient"))
@@ -117,7 +121,14 @@ class StructuredSparsity(Callback):
             raise ValueError(f"compact_batch must be an int >= 1, got {compact_batch!r}")
         if not isinstance(compact_align, int) or compact_align < 1:
             raise ValueError(f"compact_align must be an int >= 1, got {compact_align!r}")
+        _check_choice("compact_when", compact_when, ("fit_end", "prune"))
         self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)
+        if compact_when == "prune" and (compact_at_end is None or self.schedule.ssl_end is None):
+            raise ValueError(
+                "compact_when='prune' needs compact_at_end (the submodule to compact) and an SSL phase that ends, "
+                f"e.g. phases={{'ssl': [0, 10], 'finetune': [10, None]}}; got compact_at_end={compact_at_end!r}, "
+                f"phases={phases!r}"
+            )
         if lambda_schedule == "ramp" and self.schedule.ssl_end is None:
             raise ValueError("lambda_schedule='ramp' needs an SSL phase with an end, e.g. phases={'ssl': [0, 10]}")
         self.lambdas = dict(lambdas)
@@ -132,6 +143,7 @@ class StructuredSparsity(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.log_histograms = log_histograms
         self.compact_at_end, self.compact_batch, self.compact_align = compact_at_end, compact_batch, compact_align
+        self.compact_when = compact_when
         self.compaction: CompactionReport | None = None  # filled when compact_at_end ran
 
         self.groups: list[Group] = []
@@ -174,9 +186,12 @@ class StructuredSparsity(Callback):
                     f"compact_at_end={self.compact_at_end!r} is not a submodule of {type(pl_module).__name__}; "
                     f"its children are {children}"
                 ) from None
-        self.groups = build_groups(
+        self._set_groups(pl_module, self._build_groups(pl_module, self.lambdas))
+
+    def _build_groups(self, pl_module: LightningModule, lambdas: Mapping[str, float]) -> list[Group]:
+        return build_groups(
             pl_module,
-            self.lambdas,
+            lambdas,
             include=self.include,
             exclude=self.exclude,
             layer_lambdas=self.layer_lambdas,
@@ -184,6 +199,9 @@ class StructuredSparsity(Callback):
             depth_blocks=self.depth_blocks,
             scale_by_group_size=self.scale_by_group_size,
         )
+
+    def _set_groups(self, pl_module: LightningModule, groups: list[Group]) -> None:
+        self.groups = groups
         self._params = group_parameters(self.groups)
         self._layers = sorted({n for g in self.groups for n in g.modules})
         for name, mod in pl_module.named_modules():
@@ -205,10 +223,36 @@ class StructuredSparsity(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        current = {id(p) for p in pl_module.parameters()}
+        if any(id(p) not in current for p in self._params.values()):  # restored a compacted model after setup
+            self._rebuild_groups(trainer, pl_module)
         if self._pending_masks is not None:  # resumed from a checkpoint written after pruning
             self._install_masks(pl_module, self._pending_masks)
             apply_masks_(self._params, self.masks)
             self._pending_masks = None
+        self._register_step_hooks(trainer)
+
+    def _rebuild_groups(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Groups, FLOP hooks and step hooks for the model's current modules (after a compaction)."""
+        for h in [*self._hooks, *self._spatial_hooks.values()]:
+            h.remove()
+        self._hooks.clear()
+        self._spatial_hooks.clear()
+        self._mask_owner.clear()
+        # After compaction some group types may have no plain layer left (every conv became a CompactConv2d):
+        # build what still applies, type by type. These groups only keep remaining zeros frozen and log.
+        try:
+            groups = self._build_groups(pl_module, self.lambdas)
+        except (ValueError, RuntimeError):
+            groups = []
+            for kind, lam in self.lambdas.items():
+                try:
+                    groups += self._build_groups(pl_module, {kind: lam})
+                except (ValueError, RuntimeError):
+                    continue
+        self._set_groups(pl_module, groups)
+
+    def _register_step_hooks(self, trainer: Trainer) -> None:
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
         missing = sorted({m.name for g in self.groups for m in g.members if id(m.param) not in optimized})
         if missing:
@@ -226,6 +270,8 @@ class StructuredSparsity(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._pruned and self.phase(trainer) == "finetune":
             self.prune(trainer, pl_module)
+            if self.compact_when == "prune" and self.compact_at_end is not None:
+                self._compact_in_fit(trainer, pl_module, batch)
 
     @override
     def on_before_optimizer_step(
@@ -271,20 +317,39 @@ class StructuredSparsity(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.compact_at_end is not None:
+        if self.compact_at_end is not None and self.compact_when == "fit_end":
             self.compact(trainer, pl_module, self.compact_at_end)
 
-    def compact(self, trainer: Trainer, pl_module: LightningModule, name: str) -> CompactionReport:
-        """Replace ``pl_module.<name>`` by its compacted copy (checked equal on a training batch), log the
-        dense-vs-compacted report to the trainer's loggers and return it. Every DDP rank compacts the same
-        weights; timing-based choices are made only on a single process (else from the kept fractions)."""
+    def _compact_in_fit(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Compact at the SSL -> fine-tune boundary: optimizers follow the new parameters (state carried through
+        the plan), and groups, masks and hooks are rebuilt for the compacted modules."""
+        from ssl_lightning.compaction import transfer_optimizer_state
+
+        assert self.compact_at_end is not None
+        dense = pl_module.get_submodule(self.compact_at_end)
+        self.compact(trainer, pl_module, self.compact_at_end, batch=batch)
+        compacted = pl_module.get_submodule(self.compact_at_end)
+        transfer_optimizer_state(trainer.optimizers, pl_module, self.compact_at_end, dense, compacted)
+        self._rebuild_groups(trainer, pl_module)
+        masks = group_masks(self.groups, self.prune_threshold)  # groups still zero stay frozen at zero
+        masks = trainer.strategy.broadcast(masks, src=0)
+        self._install_masks(pl_module, masks)
+        apply_masks_(self._params, self.masks)
+        self._register_step_hooks(trainer)
+
+    def compact(self, trainer: Trainer, pl_module: LightningModule, name: str, batch: Any = None) -> CompactionReport:
+        """Replace ``pl_module.<name>`` by its compacted copy (checked equal on ``batch``, by default the first
+        training batch), log the dense-vs-compacted report to the trainer's loggers and return it. Every DDP rank
+        compacts the same weights; timing-based choices are made only on a single process (else from the kept
+        fractions)."""
         from ssl_lightning.compaction import compact_with_info
         from ssl_lightning.report import compaction_report
 
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise RuntimeError("StructuredSparsity.compact needs the training dataloader for example inputs")
-        batch = next(iter(loader))
+        if batch is None:
+            loader = trainer.train_dataloader
+            if loader is None:
+                raise RuntimeError("StructuredSparsity.compact needs the training dataloader for example inputs")
+            batch = next(iter(loader))
         x = batch[0] if isinstance(batch, list | tuple) else batch
         if not isinstance(x, Tensor):
             raise TypeError(f"compact_at_end needs tensor inputs as the first element of a batch, got {type(x)}")

@@ -369,13 +369,25 @@ def _leaves(a: object) -> list[fx.Node]:
     return []
 
 
+# Compacted layers (their forwards branch on device / shape) are traced as opaque calls; the analysis then
+# treats them like any module it does not know: their channels stay.
+_COMPACTED_LAYERS = {"CompactConv2d", "CompactLinear", "PaddedFoldConv2d"}
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m).__name__ in _COMPACTED_LAYERS and type(m).__module__.startswith("ssl_lightning."):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def analyze(model: nn.Module) -> GraphAnalysis:
     """Trace ``model`` with ``torch.fx`` and return its channel spaces and residual branches.
 
     Raises ``RuntimeError`` (with the tracer's message) when the model is not symbolically traceable.
     """
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as err:
         raise RuntimeError(
             f"torch.fx could not trace {type(model).__name__}: {err}. Coupled and depth groups need a "

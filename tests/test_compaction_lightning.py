@@ -123,3 +123,50 @@ def test_callback_compacts_at_fit_end_and_logs_the_report(tmp_path: Path) -> Non
         )
     with pytest.raises(ValueError, match=r"compact_at_end must be the name of a submodule"):
         StructuredSparsity({"filter": 0.1}, compact_at_end="")
+
+
+def test_compaction_at_the_prune_boundary_carries_optimizer_state_and_resumes(tmp_path: Path) -> None:
+    import pytest
+
+    from ssl_lightning import StructuredSparsity
+
+    from .conftest import SmallNet
+
+    def build() -> ImageClassifier:
+        torch.manual_seed(0)
+        return ImageClassifier(SmallNet(), num_classes=4, lr=0.05, weight_decay=0.0, milestones=[3])
+
+    def callback() -> StructuredSparsity:
+        return StructuredSparsity(
+            {"filter": 3.0, "neuron_out": 3.0},
+            phases={"ssl": [0, 2], "finetune": [2, None]},
+            compact_at_end="model",
+            compact_when="prune",
+            compact_align=1,
+        )
+
+    data = loader(n=64, batch=16)  # 4 steps per epoch
+    clf, cb, full = build(), callback(), Losses()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    t = trainer(tmp_path, max_epochs=4, callbacks=[cb, full, ckpt], enable_checkpointing=True)
+    t.fit(clf, data)
+    report = cb.compaction
+    assert report is not None and report.params_compact < report.params  # compacted when fine-tuning began
+    assert sum(p.numel() for p in clf.parameters()) == report.params_compact
+    (opt,) = t.optimizers
+    optimized = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in clf.parameters()}  # the optimizer follows the new model
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in optimized)
+    assert len(full.losses) == 16 and all(torch.isfinite(torch.tensor(full.losses)))
+
+    # A checkpoint written after the compaction resumes into identical fine-tuning steps.
+    resumed = Losses()
+    trainer(tmp_path / "r", max_epochs=4, callbacks=[callback(), resumed]).fit(
+        build(), data, ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt"
+    )
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[12:]), rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"compact_when='prune' needs compact_at_end"):
+        StructuredSparsity({"filter": 0.1}, compact_when="prune")
+    with pytest.raises(ValueError, match=r"compact_when must be one of 'fit_end', 'prune', got 'later'"):
+        StructuredSparsity({"filter": 0.1}, compact_at_end="model", compact_when="later")  # type: ignore[arg-type]
