@@ -67,14 +67,16 @@ def test_pipeline_user_errors_are_one_line(argv: list[str], message: str, capsys
 
 
 def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> None:
+    import wandb
+
     from .conftest import read_wandb_history
+
+    wandb.finish()  # a run left open by an earlier test would be reused by WandbLogger and get our records
 
     logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
               "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.offline", "true",
               "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
     main(["run", RECIPE, "--out", str(tmp_path / "run"), *QUICK, *logger])
-    import wandb
-
     wandb.finish()  # the CLI process flushes at exit; in-process, finish the offline run before reading it
     rows = read_wandb_history(tmp_path)
     keys = {k for r in rows for k in r}
