@@ -1,8 +1,10 @@
 """Structured Sparsity Learning for PyTorch Lightning.
 
-Public API: :class:`StructuredSparsity` (callback), :func:`build_groups`, :func:`sparsity_report`,
-the penalty functions in :mod:`ssl_lightning.penalty`, schedules in :mod:`ssl_lightning.schedules`
-and compiled ops in :mod:`ssl_lightning.ops`.
+Public API: :class:`StructuredSparsity` (callback), :func:`build_groups`, :func:`sparsity_report`, the penalty
+functions in :mod:`ssl_lightning.penalty`, schedules in :mod:`ssl_lightning.schedules`, compiled ops in
+:mod:`ssl_lightning.ops`, and compaction: :func:`compact` / :func:`compact_with_info` (depth, channel and shape
+removal, equivalence-checked), :func:`compaction_report`, :class:`CompactConv2d`, :class:`CompactLinear`,
+plans (:func:`compaction_plan`, :func:`apply_compaction_plan`) and :class:`CompactionCheckpointing`.
 """
 
 from ssl_lightning.callback import StructuredSparsity
