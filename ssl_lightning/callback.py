@@ -222,6 +222,15 @@ class StructuredSparsity(Callback):
         return hook
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.compact_when == "prune" and trainer.world_size > 1 and not self._pruned:
+            raise ValueError(
+                "compact_when='prune' swaps modules in the middle of fit, which a multi-process strategy (DDP, "
+                f"world size {trainer.world_size}) cannot follow: use compact_when='fit_end', then fine-tune the "
+                "compacted model in a new fit"
+            )
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         current = {id(p) for p in pl_module.parameters()}
         if any(id(p) not in current for p in self._params.values()):  # restored a compacted model after setup

@@ -166,6 +166,10 @@ def test_compaction_at_the_prune_boundary_carries_optimizer_state_and_resumes(tm
     )
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses[12:]), rtol=1e-6, atol=1e-6)
 
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match=r"compact_when='prune' swaps modules .* \(DDP, world size 2\)"):
+        callback().on_fit_start(SimpleNamespace(world_size=2), build())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"compact_when='prune' needs compact_at_end"):
         StructuredSparsity({"filter": 0.1}, compact_when="prune")
     with pytest.raises(ValueError, match=r"compact_when must be one of 'fit_end', 'prune', got 'later'"):
