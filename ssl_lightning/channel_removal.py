@@ -135,20 +135,6 @@ def _dense_taps(conv: nn.Conv2d, channels: Tensor) -> Tensor:
     return out
 
 
-def _input_taps(conv: nn.Conv2d) -> Tensor:
-    """[out, in] weight summed over the kernel, as a dense (ungrouped) matrix: a constant input channel c adds
-    v_c * taps[:, c] to every output position a padding-free conv computes."""
-    w = _weight(conv).sum((2, 3))  # [out, in/g]
-    g = conv.groups
-    if g == 1:
-        return w
-    og, ig = w.shape[0] // g, w.shape[1]
-    dense = w.new_zeros(w.shape[0], ig * g)
-    for j in range(g):
-        dense[j * og : (j + 1) * og, j * ig : (j + 1) * ig] = w[j * og : (j + 1) * og]
-    return dense
-
-
 def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor:
     """[size] bool: consumer ignores the channel (its input-weight slice is all zero)."""
     w = _weight(mod)
@@ -286,7 +272,8 @@ def plan_channel_removal(
                 continue
             if isinstance(mod, nn.Conv2d):
                 mask[off + gone] = False
-                taps = _input_taps(mod)[:, off + gone]  # [out, removed]
+                # an unpadded conv adds v_c * (taps of c summed over the kernel) at every output position
+                taps = _dense_taps(mod, off + gone).sum((2, 3))  # [out, removed]
                 corr = taps @ values[gone, 0].to(taps.dtype)
             else:
                 feats = ((off + gone)[:, None] * hw + torch.arange(hw)).flatten()
