@@ -178,9 +178,10 @@ def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Mod
     return out
 
 
-def _capture_inputs(
+def capture_inputs(
     model: nn.Module, names: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
 ) -> dict[str, list[Tensor]]:
+    """The first positional input each named module receives, once per trial (``run(model, trial)``)."""
     seen: dict[str, list[Tensor]] = {n: [] for n in names}
     mods = dict(model.named_modules())
     hooks = [mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
@@ -215,7 +216,7 @@ def plan_channel_removal(
     modules = dict(model.named_modules())
     plan = ChannelPlan(unsupported=list(dict.fromkeys(analysis.unsupported)))
     consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
-    measured = _capture_inputs(model, consumers, trials, run)
+    measured = capture_inputs(model, consumers, trials, run)
     corrections: dict[str, Tensor] = {}
     padded: dict[str, tuple[Tensor, Tensor]] = {}  # consumer -> (dense taps [out, R, kh, kw], values [R])
     in_masks: dict[str, Tensor] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from ssl_lightning.ops import compact_conv2d, lowered_nonzero, pack_compact_weig
 __all__ = ["CompactConv2d"]
 
 Impl: TypeAlias = Literal["fused", "rows", "dense"]
+K = TypeVar("K")
 # Without a measurement, use the fused op when at most this fraction of the GEMM columns is kept:
 # measured on AlexNet shapes (2 CPU threads), the fused GEMM runs at ~80 % of oneDNN's dense efficiency
 # plus lowering, so it needs a clear column saving to win.
@@ -32,6 +33,26 @@ FUSED_MAX_KEPT_COLUMNS = 0.6
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def fastest(mods: dict[K, nn.Module], x: Tensor) -> K:
+    """The key of the module that runs ``x`` fastest: warm up, size each timing block to about 20 ms, then five
+    interleaved rounds keeping each module's best block (robust to the machine's load changing meanwhile)."""
+    best: dict[K, float] = {}
+    with torch.inference_mode():
+        reps = {}
+        for name, mod in mods.items():
+            mod(x)
+            t0 = time.perf_counter()
+            mod(x)
+            reps[name] = max(1, int(2e-2 / max(time.perf_counter() - t0, 1e-7)))
+        for _ in range(5):
+            for name, mod in mods.items():
+                t0 = time.perf_counter()
+                for _ in range(reps[name]):
+                    mod(x)
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / reps[name])
+    return min(best, key=best.__getitem__)
 
 
 class CompactConv2d(nn.Module):
@@ -147,22 +168,7 @@ class CompactConv2d(nn.Module):
             candidates.append("rows")
         if not bool(cols.all()):
             candidates.append("fused")
-        mods = {c: cls(conv, rows, cols, c, compact_output, align) for c in candidates}
-        best: dict[Impl, float] = {}
-        with torch.inference_mode():
-            reps = {}
-            for name, mod in mods.items():  # warm up, and size each timing block to about 20 ms
-                mod(x)
-                t0 = time.perf_counter()
-                mod(x)
-                reps[name] = max(1, int(2e-2 / max(time.perf_counter() - t0, 1e-7)))
-            for _ in range(5):  # interleaved rounds; keep each implementation's best block
-                for name, mod in mods.items():
-                    t0 = time.perf_counter()
-                    for _ in range(reps[name]):
-                        mod(x)
-                    best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / reps[name])
-        return min(best, key=best.__getitem__)
+        return fastest({c: cls(conv, rows, cols, c, compact_output, align) for c in candidates}, x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "fused":

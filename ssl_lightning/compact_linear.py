@@ -3,11 +3,11 @@ cannot take out upstream (e.g. input pixels an MLP learned to ignore, when its i
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ssl_lightning.compact_conv import fastest
 
 __all__ = ["CompactLinear"]
 
@@ -37,18 +37,7 @@ class CompactLinear(nn.Module):
         compact = cls(linear, keep)
         if example_input is None:
             return compact if keep.numel() <= max_kept * linear.in_features else linear
-        times = {}
-        with torch.inference_mode():
-            for name, mod in (("dense", linear), ("compact", compact)):
-                mod(example_input)
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(10):
-                        mod(example_input)
-                    best = min(best, time.perf_counter() - t0)
-                times[name] = best
-        return compact if times["compact"] < times["dense"] else linear
+        return compact if fastest({"compact": compact, "dense": linear}, example_input) == "compact" else linear
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.index_select(-1, self.in_idx), self.weight, self.bias)

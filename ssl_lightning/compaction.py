@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan, plan_channel_removal
+from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan, capture_inputs, plan_channel_removal
 from ssl_lightning.compact_conv import CompactConv2d
 from ssl_lightning.compact_linear import CompactLinear
 from ssl_lightning.depth_removal import apply_depth_plan, plan_and_remove_depth
@@ -197,16 +197,8 @@ def compact_with_info(
             )
     convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
     linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
-    seen: dict[str, Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args[0].detach()))
-        for n, m in [*convs.items(), *linears.items()]
-    ]
-    try:
-        _outputs(new, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
+    seen = {n: xs[0] for n, xs in captured.items() if xs}
     result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
     for name, conv in convs.items():
         rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
