@@ -97,12 +97,12 @@ def plan_and_remove_depth(
         return [], []
     plan: list[dict[str, Any]] = []
     notes: list[str] = []
-    done: set[str] = set()
+    found: dict[str, tuple[list[str], nn.Module, fx.GraphModule, fx.Node, int]] = {}  # block -> rewrite target
     for branch in analysis.depth_branches:
         if not _branch_is_zero(model, branch):
             continue
         prefix = _common_prefix(branch)
-        if not prefix or prefix in done:
+        if not prefix or prefix in found:
             notes.append(f"zero branch {branch}: no enclosing submodule to rewrite (or one per block); kept")
             continue
         sub = model.get_submodule(prefix)
@@ -116,36 +116,48 @@ def plan_and_remove_depth(
         if hit is None:
             notes.append(f"zero branch in {prefix}: its residual add is not inside {prefix}; kept")
             continue
-        add, operand = hit
-        const = _measure(model, prefix, gm, add.args[operand], trials, run)  # type: ignore[arg-type]
+        found[prefix] = (branch, sub, gm, *hit)
+    # One pass over the trials records every candidate block's calls (a rewrite keeps outputs equal, so the
+    # inputs of the other blocks stay valid).
+    calls = _block_calls(model, list(found), trials, run)
+    for prefix, (branch, sub, gm, add, operand) in found.items():
+        const = _measure(gm, add.args[operand], calls[prefix])  # type: ignore[arg-type]
         if const is None:
             notes.append(f"zero branch in {prefix}: its output is not constant per channel; kept")
             continue
-        buffer = f"ssl_depth_const_{len([p for p in plan if p['module'] == prefix])}"
+        buffer = "ssl_depth_const_0"
         model.set_submodule(prefix, _rewrite(sub, add.name, operand, const, buffer))
         plan.append({"module": prefix, "add": add.name, "operand": operand, "shape": list(const.shape),
                      "buffer": buffer, "removed": sorted(branch)})  # fmt: skip
-        done.add(prefix)
     return plan, notes
 
 
-def _measure(
-    model: nn.Module,
-    prefix: str,
-    gm: fx.GraphModule,
-    node: fx.Node,
-    trials: Sequence[tuple[Tensor, ...]],
-    run: Callable[..., object],
-) -> Tensor | None:
-    """The branch operand's value as [1, C, 1...] if it is the same at every batch item and position, else None."""
-    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    sub = model.get_submodule(prefix)
-    h = sub.register_forward_pre_hook(lambda _m, a, k: seen.append((a, k)), with_kwargs=True)
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _block_calls(
+    model: nn.Module, prefixes: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
+) -> dict[str, list[Call]]:
+    """The (args, kwargs) every named submodule is called with, over all trials."""
+    calls: dict[str, list[Call]] = {p: [] for p in prefixes}
+    hooks = [
+        model.get_submodule(p).register_forward_pre_hook(
+            lambda _m, a, k, p=p: calls[p].append((a, k)), with_kwargs=True
+        )
+        for p in prefixes
+    ]
     try:
-        for trial in trials:
-            run(model, trial)
+        if prefixes:
+            for trial in trials:
+                run(model, trial)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _measure(gm: fx.GraphModule, node: fx.Node, calls: Sequence[Call]) -> Tensor | None:
+    """The branch operand's value as [1, C, 1...] if it is the same at every batch item and position, else None."""
     values: list[Tensor] = []
 
     class Grab(fx.Interpreter):
@@ -156,7 +168,7 @@ def _measure(
             return out
 
     with torch.no_grad():
-        for args, kwargs in seen:
+        for args, kwargs in calls:
             Grab(gm).run(*args, **kwargs)
     if not values or any(v.dim() < 2 for v in values):
         return None
