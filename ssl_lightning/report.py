@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssl_lightning.channel_removal import capture_inputs
 from ssl_lightning.groups import weight_of
 from ssl_lightning.ops import lowered_nonzero
 
@@ -319,16 +320,11 @@ def _median_ms(fns: dict[str, Any], rounds: int) -> dict[str, float]:
 
 
 def _inputs_of(model: nn.Module, names: set[str], inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
-    seen: dict[str, Tensor] = {}
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, a[0].detach())) for n in names]
-    try:
+    def run(m: nn.Module, trial: tuple[Tensor, ...]) -> object:
         with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+            return m(*trial)
+
+    return {n: xs[0] for n, xs in capture_inputs(model, sorted(names), [inputs], run).items() if xs}
 
 
 def compaction_report(
