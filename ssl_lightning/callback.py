@@ -243,10 +243,7 @@ class StructuredSparsity(Callback):
 
     def _rebuild_groups(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Groups, FLOP hooks and step hooks for the model's current modules (after a compaction)."""
-        for h in [*self._hooks, *self._spatial_hooks.values()]:
-            h.remove()
-        self._hooks.clear()
-        self._spatial_hooks.clear()
+        self._remove_hooks()
         self._mask_owner.clear()
         # After compaction some group types may have no plain layer left (every conv became a CompactConv2d):
         # build what still applies, type by type. These groups only keep remaining zeros frozen and log.
@@ -376,6 +373,9 @@ class StructuredSparsity(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for h in [*self._hooks, *self._spatial_hooks.values()]:
             h.remove()
         self._hooks.clear()
