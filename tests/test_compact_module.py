@@ -116,3 +116,20 @@ def test_compact_output_needs_numeric_zero_padding() -> None:
     conv = sparse_conv(4, 8, 3, padding="same")
     with pytest.raises(ValueError, match="compact_output needs a conv with numeric zero padding"):
         CompactConv2d.from_conv(conv, compact_output=True)
+
+
+def test_flop_counter_counts_only_kept_rows_and_columns_of_the_fused_op() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_lightning._ext import has_compiled_ops
+
+    if not has_compiled_ops():
+        pytest.skip("the FLOP formula is registered for the compiled op")
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[:, :, 0] = 0  # 3 of 9 taps per channel: 96 of 144 columns kept
+        conv.weight[:8] = 0  # 24 of 32 filters kept
+    mod = CompactConv2d.from_conv(conv, impl="fused")
+    with FlopCounterMode(display=False) as counter:
+        mod(torch.randn(2, 16, 8, 8))
+    assert counter.get_total_flops() == 2 * (2 * 8 * 8) * 24 * 96
