@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "compact_conv_args.h"
+#include "gather_gemm.h"
 
 #include <algorithm>
 #include <array>
@@ -29,14 +30,20 @@ TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, con
 namespace ssl_lightning {
 namespace {
 
-// SSL_LIGHTNING_GEMM=blas forces ATen's BLAS (MKL) for the lowered GEMMs; the default uses oneDNN for fp32.
-bool use_onednn_gemm() {
-  static const bool use = [] {
-    const char* env = std::getenv("SSL_LIGHTNING_GEMM");
-    return at::hasMKLDNN() && !(env != nullptr && std::string(env) == "blas");
-  }();
-  return use;
+// SSL_LIGHTNING_GEMM picks the fp32 GEMM, read at every call (benchmarks and tests switch it):
+//   unset / "auto": the gathered-panel AVX-512 kernel (gather_gemm.cpp) where the CPU has it, else "onednn";
+//   "onednn": lowered tiles through oneDNN's matmul for large GEMMs, ATen BLAS for small ones;
+//   "blas": lowered tiles through ATen's BLAS (MKL) only.
+// Other dtypes always take the lowered-tile path with ATen's BLAS.
+std::string gemm_choice() {
+  const char* env = std::getenv("SSL_LIGHTNING_GEMM");
+  const std::string v = env == nullptr ? "auto" : std::string(env);
+  TORCH_CHECK(v == "auto" || v == "onednn" || v == "blas",
+              "SSL_LIGHTNING_GEMM must be auto, onednn or blas, got '", v, "'");
+  return v;
 }
+
+bool use_onednn_gemm() { return at::hasMKLDNN() && gemm_choice() != "blas"; }
 
 // oneDNN builds a matmul primitive per call (~35 us here), so it only pays off on larger GEMMs.
 constexpr double kOneDnnMinFlops = 32e6;
@@ -149,6 +156,12 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     out = at::zeros({G.n, out_channels, G.ho, G.wo}, input.options());
   }
   if (G.n == 0) return out;
+  if (x.scalar_type() == at::kFloat && gemm_choice() == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
+    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
+                           bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
+                           out.mutable_data_ptr<float>(), out_rows, compact_output);
+    return out;
+  }
 
   // per-group offsets into the packed weight
   std::vector<int64_t> woff(groups + 1, 0);

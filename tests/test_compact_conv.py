@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,12 +55,26 @@ def opcheck_samples() -> list[tuple]:
     ]
 
 
-@settings(max_examples=60, deadline=None)
+@contextlib.contextmanager
+def _gemm_env(choice: str) -> Iterator[None]:
+    """SSL_LIGHTNING_GEMM (read by the CPU kernel at every call) set for one block."""
+    old = os.environ.get("SSL_LIGHTNING_GEMM")
+    os.environ["SSL_LIGHTNING_GEMM"] = choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SSL_LIGHTNING_GEMM"]
+        else:
+            os.environ["SSL_LIGHTNING_GEMM"] = old
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     n=st.integers(1, 3),
     groups=st.sampled_from([1, 2, 3]),
     cg=st.integers(1, 4),
-    og=st.integers(1, 4),
+    og=st.sampled_from([1, 2, 4, 13, 27]),  # 13 and 27: several 12-filter micro-tiles and a partial one
     kernel=st.sampled_from([(1, 1), (3, 3), (2, 3), (5, 5)]),
     stride=st.sampled_from([(1, 1), (2, 2), (3, 1)]),
     padding=st.sampled_from([(0, 0), (1, 1), (2, 0)]),
@@ -66,6 +84,8 @@ def opcheck_samples() -> list[tuple]:
     compact_output=st.booleans(),
     with_bias=st.booleans(),
     layout_kind=st.sampled_from(["contiguous", "channels_last", "sliced"]),
+    size=st.sampled_from([(11, 10), (4, 37), (2, 70)]),  # rows of 10 / 37 / 70 positions in 32-lane panels
+    gemm=st.sampled_from(["auto", "onednn", "blas"]),  # the AVX-512 kernel and both lowered-tile paths
     seed=st.integers(0, 1000),
 )
 def test_matches_dense_conv_on_masked_weight(
@@ -82,11 +102,15 @@ def test_matches_dense_conv_on_masked_weight(
     compact_output,
     with_bias,
     layout_kind,
+    size,
+    gemm,
     seed,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     c, o = cg * groups, og * groups
-    h, w = 11, 10
+    h, w = size
+    if (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) < 0:
+        h = dilation[0] * (kernel[0] - 1) + 1  # keep at least one output row
     x = torch.randn(n, c, h + 3, w, generator=gen)
     if layout_kind == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -101,7 +125,10 @@ def test_matches_dense_conv_on_masked_weight(
     expected = F.conv2d(x, masked, bias, stride, padding, dilation, groups)
     if compact_output:
         expected = expected[:, ri]
-    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output)
+    with _gemm_env(gemm):
+        got = ops.compact_conv2d(
+            x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output
+        )
     assert got.shape == expected.shape
     if expected.numel():
         scale = expected.abs().max().clamp(min=1.0)
@@ -300,3 +327,12 @@ def test_half_precision_inputs_match_fp32_within_rounding(dtype: torch.dtype, re
     want = ops.compact_conv2d_reference(*as_fp32, False)
     assert got.dtype == dtype
     assert float((got.float() - want).abs().max()) <= rel * float(want.abs().max())
+
+
+@compiled
+def test_unknown_gemm_choice_is_a_clear_error() -> None:
+    x = torch.randn(1, 2, 5, 5)
+    ri, rp, ci, cp = layout(2, 2, 3, 3, 1, 1.0, 0.5, 0)
+    wc = ops.pack_compact_weight(torch.randn(2, 2, 3, 3), ri, rp, ci, cp)
+    with _gemm_env("fastest"), pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, onednn or blas"):
+        ops.compact_conv2d(x, wc, ri, rp, ci, cp, None, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)

@@ -1,0 +1,239 @@
+// fp32 AVX-512 kernel of ssl_lightning::compact_conv2d (see gather_gemm.h).
+//
+// Per image n, conv group g and panel of NR = 32 consecutive output positions p0..p0+31:
+//   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions with one masked
+//      gather per 16 lanes; the mask is the tap's in-bounds set (zero padding) = row mask & column mask;
+//   2. for every block of MR = 12 kept filters: C[12 x 32] = bias + A_packed[12 x k] @ B[k x 32] in 24
+//      zmm accumulators, stored (masked at the last panel) to each filter's own output row.
+// A (the kept rows, 12-row interleaved) is packed once per call; B lives in L1/L2 of the thread that uses it.
+#include "gather_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SSL_LIGHTNING_X86_KERNEL 1
+#include <immintrin.h>
+#endif
+
+namespace ssl_lightning {
+
+#ifdef SSL_LIGHTNING_X86_KERNEL
+
+namespace {
+
+constexpr int kMR = 12;  // kept filters per micro-tile
+constexpr int kNR = 32;  // output positions per micro-tile (two zmm)
+
+// C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = bias + a (k x kMR, interleaved) @
+// b (k x kNR panel; NV = 1 uses only its first 16 lanes, for a last panel of <= 16 positions).
+template <int M, int NV>
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t k,
+                                                     float* const* c, const float* bias, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[NV][M];
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    const __m512 init = bias != nullptr ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[v][i] = init;
+  }
+  for (int64_t kk = 0; kk < k; ++kk, a += kMR, b += kNR) {
+    __m512 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+#pragma GCC unroll 12
+    for (int i = 0; i < M; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    _mm512_mask_storeu_ps(c[i], m0, acc[0][i]);
+    if constexpr (NV == 2) _mm512_mask_storeu_ps(c[i] + 16, m1, acc[NV - 1][i]);
+  }
+}
+
+using MicroKernel = void (*)(const float*, const float*, int64_t, float* const*, const float*, __mmask16, __mmask16);
+template <int NV>
+constexpr MicroKernel kKernels[kMR + 1] = {
+    nullptr,                micro_kernel<1, NV>, micro_kernel<2, NV>,  micro_kernel<3, NV>,  micro_kernel<4, NV>,
+    micro_kernel<5, NV>,    micro_kernel<6, NV>, micro_kernel<7, NV>,  micro_kernel<8, NV>,  micro_kernel<9, NV>,
+    micro_kernel<10, NV>,   micro_kernel<11, NV>, micro_kernel<12, NV>};
+
+// The 32 positions of one panel, as seen by the packing: per lane the input offset (ih * W + iw) of the
+// tap origin, per kernel row / column the lanes whose tap row / column is inside the image, and (stride-1
+// width only) the runs of lanes that are consecutive in memory, at most kMaxRuns per 16-lane half.
+constexpr int kMaxRuns = 8;
+struct Panel {
+  alignas(64) int32_t idx[kNR];
+  std::vector<uint32_t> row_mask, col_mask;
+  int runs[2] = {0, 0};
+  uint32_t run_mask[2][kMaxRuns];   // lanes of the run, within its half
+  int64_t run_off[2][kMaxRuns];     // input offset that lane 0 of the half would read
+};
+
+// B panel (k x 32): dst[i][j] = x[col i at position p0 + j], zero outside the image or past the last position.
+// With runs, each run of a column is one masked unaligned load; otherwise one masked gather per half.
+__attribute__((target("avx512f"))) void pack_panel(const float* x, const int64_t* off, const int32_t* ki,
+                                                   const int32_t* kj, int64_t k, const Panel& pn, bool use_runs,
+                                                   float* dst) {
+  const __m512 zero = _mm512_setzero_ps();
+  const uint32_t* rm = pn.row_mask.data();
+  const uint32_t* cm = pn.col_mask.data();
+  if (use_runs) {
+    for (int64_t i = 0; i < k; ++i, dst += kNR) {
+      const uint32_t m = rm[ki[i]] & cm[kj[i]];
+      const float* base = x + off[i];
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t mh = (m >> (16 * h)) & 0xffffu;
+        __m512 v = zero;
+        for (int s = 0; s < pn.runs[h]; ++s) {
+          const uint32_t ms = mh & pn.run_mask[h][s];
+          if (ms != 0) v = _mm512_mask_loadu_ps(v, __mmask16(ms), base + pn.run_off[h][s]);
+        }
+        _mm512_storeu_ps(dst + 16 * h, v);
+      }
+    }
+    return;
+  }
+  const __m512i v0 = _mm512_loadu_si512(pn.idx), v1 = _mm512_loadu_si512(pn.idx + 16);
+  for (int64_t i = 0; i < k; ++i, dst += kNR) {
+    const uint32_t m = rm[ki[i]] & cm[kj[i]];
+    const float* base = x + off[i];
+    _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(zero, __mmask16(m), v0, base, 4));
+    _mm512_storeu_ps(dst + 16, _mm512_mask_i32gather_ps(zero, __mmask16(m >> 16), v1, base, 4));
+  }
+}
+
+// Fills pn for positions [p0, p0 + np) and reports whether every half fits in kMaxRuns runs.
+bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn) {
+  std::fill(pn.row_mask.begin(), pn.row_mask.end(), 0u);
+  std::fill(pn.col_mask.begin(), pn.col_mask.end(), 0u);
+  pn.runs[0] = pn.runs[1] = 0;
+  bool fits = G.sw == 1;
+  for (int64_t j = 0; j < kNR; ++j) {
+    if (j >= np) {
+      pn.idx[j] = 0;
+      continue;
+    }
+    const int64_t oh = (p0 + j) / G.wo, ow = (p0 + j) % G.wo;
+    const int64_t ih = oh * G.sh - G.ph, iw = ow * G.sw - G.pw;
+    pn.idx[j] = int32_t(ih * G.w + iw);
+    for (int64_t a = 0; a < G.kh; ++a)
+      if (uint64_t(ih + a * G.dh) < uint64_t(G.h)) pn.row_mask[a] |= 1u << j;
+    for (int64_t b = 0; b < G.kw; ++b)
+      if (uint64_t(iw + b * G.dw) < uint64_t(G.w)) pn.col_mask[b] |= 1u << j;
+    if (!fits) continue;
+    const int h = int(j / 16), lane = int(j % 16);
+    const bool continues = lane > 0 && pn.idx[j] == pn.idx[j - 1] + 1;
+    if (!continues) {
+      if (pn.runs[h] == kMaxRuns) {
+        fits = false;
+        continue;
+      }
+      pn.run_mask[h][pn.runs[h]] = 0;
+      pn.run_off[h][pn.runs[h]] = int64_t(pn.idx[j]) - lane;
+      ++pn.runs[h];
+    }
+    pn.run_mask[h][pn.runs[h] - 1] |= 1u << lane;
+  }
+  return fits;
+}
+
+}  // namespace
+
+bool gather_gemm_supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+bool gather_gemm_fits(const ConvGeometry& G) {
+  // gather offsets are (ih * W + iw) relative to a tap's origin, in int32
+  const int64_t span = (G.ho * G.sh + G.ph + G.kh * G.dh) * G.w + G.wo * G.sw + G.pw + G.kw * G.dw;
+  return span < std::numeric_limits<int32_t>::max() / 2;
+}
+
+void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
+                            float* out, int64_t out_rows, bool compact_output) {
+  const int64_t P = G.ho * G.wo, HW = G.h * G.w, taps = G.kh * G.kw;
+  const int64_t panels = (P + kNR - 1) / kNR;
+  // Per kept column: input offset of its tap origin and its (kh, kw) index; per group: packed A and bias.
+  const int64_t kcols = col_ptr[G.groups];
+  std::vector<int64_t> off(kcols);
+  std::vector<int32_t> kis(kcols), kjs(kcols);
+  std::vector<std::vector<float>> a_packed(G.groups), bias_g(G.groups);
+  int64_t kmax = 0, woff = 0;
+  for (int64_t g = 0; g < G.groups; ++g) {
+    const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
+    kmax = std::max(kmax, k);
+    for (int64_t i = col_ptr[g]; i < col_ptr[g + 1]; ++i) {
+      const int64_t c = col_idx[i] / taps, t = col_idx[i] % taps;
+      kis[i] = int32_t(t / G.kw), kjs[i] = int32_t(t % G.kw);
+      off[i] = (g * G.cg + c) * HW + kis[i] * G.dh * G.w + kjs[i] * G.dw;
+    }
+    const int64_t blocks = (r + kMR - 1) / kMR;
+    std::vector<float>& ap = a_packed[g];
+    ap.assign(std::max<int64_t>(1, blocks * kMR * k), 0.0f);
+    for (int64_t row = 0; row < r; ++row) {
+      const float* src = weight + woff + row * k;
+      float* dst = ap.data() + (row / kMR) * kMR * k + row % kMR;
+      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kMR] = src[kk];
+    }
+    woff += r * k;
+    if (bias != nullptr) {
+      bias_g[g].resize(r);
+      for (int64_t row = 0; row < r; ++row) bias_g[g][row] = bias[row_idx[row_ptr[g] + row]];
+    }
+  }
+
+  const int64_t tasks = G.n * G.groups * panels;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> bpanel(std::max<int64_t>(1, kmax) * kNR);
+    Panel pn;
+    pn.row_mask.resize(G.kh);
+    pn.col_mask.resize(G.kw);
+    float* crow[kMR];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pb = t % panels, g = (t / panels) % G.groups, n = t / (panels * G.groups);
+      const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
+      if (r == 0) continue;
+      const int64_t p0 = pb * kNR, np = std::min<int64_t>(kNR, P - p0);
+      const bool runs = describe_panel(G, p0, np, pn);
+      pack_panel(x + n * G.c * HW, off.data() + col_ptr[g], kis.data() + col_ptr[g], kjs.data() + col_ptr[g], k, pn,
+                 runs, bpanel.data());
+      const uint32_t all = np == kNR ? 0xffffffffu : (1u << np) - 1u;
+      const __mmask16 m0 = __mmask16(all), m1 = __mmask16(all >> 16);
+      const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
+      float* out_n = out + n * out_rows * P + p0;
+      for (int64_t r0 = 0; r0 < r; r0 += kMR) {
+        const int m = int(std::min<int64_t>(kMR, r - r0));
+        for (int i = 0; i < m; ++i) {
+          const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
+          crow[i] = out_n + row * P;
+        }
+        kernels[m](a_packed[g].data() + r0 * k, bpanel.data(), k, crow, bias != nullptr ? bias_g[g].data() + r0 : nullptr,
+                   m0, m1);
+      }
+    }
+  });
+}
+
+#else  // not x86-64 GCC/Clang: the BLAS path of compact_conv.cpp runs instead
+
+bool gather_gemm_supported() { return false; }
+bool gather_gemm_fits(const ConvGeometry&) { return false; }
+void gather_gemm_conv2d_f32(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
+                            const int64_t*, const float*, const ConvGeometry&, float*, int64_t, bool) {
+  TORCH_CHECK(false, "compact_conv2d: the AVX-512 kernel is not part of this build");
+}
+
+#endif
+
+}  // namespace ssl_lightning
