@@ -31,7 +31,11 @@ def _extensions() -> tuple[list, dict]:
         )
     use_cuda = cuda_found and want != "0"
     sources = sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-g0", "-std=c++17"]
+    # -fopenmp: ATen's at::parallel_for is an inline OpenMP region, so without it the kernels run on one
+    # thread whatever torch.set_num_threads says. The library links as libgomp.so.1, which resolves to the
+    # copy torch has already loaded (one OpenMP runtime per process).
+    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
     macros = [("SSL_LIGHTNING_PYTHON_MODULE", None)]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -40,9 +44,12 @@ def _extensions() -> tuple[list, dict]:
             sources,
             define_macros=[*macros, ("SSL_LIGHTNING_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("ssl_lightning._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx})
+        ext = CppExtension(
+            "ssl_lightning._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
