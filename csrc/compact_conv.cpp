@@ -157,7 +157,7 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   }
   if (G.n == 0) return out;
   if (x.scalar_type() == at::kFloat && gemm_choice() == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
-    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
+    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous(), ri, rp, ci, cpp,
                            bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
                            out.mutable_data_ptr<float>(), out_rows, compact_output);
     return out;

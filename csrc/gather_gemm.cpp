@@ -3,9 +3,9 @@
 // Per image n, conv group g and panel of NR = 32 consecutive output positions p0..p0+31:
 //   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions with one masked
 //      gather per 16 lanes; the mask is the tap's in-bounds set (zero padding) = row mask & column mask;
-//   2. for every block of MR = 12 kept filters: C[12 x 32] = bias + A_packed[12 x k] @ B[k x 32] in 24
-//      zmm accumulators, stored (masked at the last panel) to each filter's own output row.
-// A (the kept rows, 12-row interleaved) is packed once per call; B lives in L1/L2 of the thread that uses it.
+//   2. for every block of MR = 12 kept filters: C[12 x 32] = bias + A[12 x k] @ B[k x 32] in 24 zmm
+//      accumulators, stored (masked at the last panel) to each filter's own output row.
+// k runs in chunks of 128 so the B chunk stays in L1; A is read in place from the compact weight.
 #include "gather_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -28,26 +28,35 @@ namespace {
 
 constexpr int kMR = 12;  // kept filters per micro-tile
 constexpr int kNR = 32;  // output positions per micro-tile (two zmm)
+constexpr int64_t kKC = 128;  // kept columns per packed chunk: 128 x 32 floats = 16 KiB, half of L1
 
-// C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = bias + a (k x kMR, interleaved) @
-// b (k x kNR panel; NV = 1 uses only its first 16 lanes, for a last panel of <= 16 positions).
+// C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = (accumulate ? C : bias) +
+// a (M x k, row stride lda: the weight as the op receives it, no repacking) @ b (k x kNR panel; NV = 1 uses
+// only its first 16 lanes, for a last panel of <= 16 positions). Each k step broadcasts one weight per row
+// (12 streams that stay in L1 across a chunk) into 2 x M FMAs.
 template <int M, int NV>
-__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t k,
-                                                     float* const* c, const float* bias, __mmask16 m0, __mmask16 m1) {
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, int64_t lda, const float* __restrict b,
+                                                     int64_t k, float* const* c, const float* bias, bool accumulate,
+                                                     __mmask16 m0, __mmask16 m1) {
   __m512 acc[NV][M];
 #pragma GCC unroll 12
   for (int i = 0; i < M; ++i) {
+    if (accumulate) {
+      acc[0][i] = _mm512_maskz_loadu_ps(m0, c[i]);
+      if constexpr (NV == 2) acc[NV - 1][i] = _mm512_maskz_loadu_ps(m1, c[i] + 16);
+      continue;
+    }
     const __m512 init = bias != nullptr ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[v][i] = init;
   }
-  for (int64_t kk = 0; kk < k; ++kk, a += kMR, b += kNR) {
+  for (int64_t kk = 0; kk < k; ++kk, ++a, b += kNR) {
     __m512 bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
 #pragma GCC unroll 12
     for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i]);
+      const __m512 av = _mm512_set1_ps(a[i * lda]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
     }
@@ -59,7 +68,8 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, 
   }
 }
 
-using MicroKernel = void (*)(const float*, const float*, int64_t, float* const*, const float*, __mmask16, __mmask16);
+using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float* const*, const float*, bool,
+                             __mmask16, __mmask16);
 template <int NV>
 constexpr MicroKernel kKernels[kMR + 1] = {
     nullptr,                micro_kernel<1, NV>, micro_kernel<2, NV>,  micro_kernel<3, NV>,  micro_kernel<4, NV>,
@@ -159,67 +169,80 @@ bool gather_gemm_fits(const ConvGeometry& G) {
   return span < std::numeric_limits<int32_t>::max() / 2;
 }
 
-void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
-                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
-                            float* out, int64_t out_rows, bool compact_output) {
+void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight_t, const int64_t* row_idx,
+                            const int64_t* row_ptr, const int64_t* col_idx, const int64_t* col_ptr, const float* bias,
+                            const ConvGeometry& G, float* out, int64_t out_rows, bool compact_output) {
+  const float* weight = weight_t.const_data_ptr<float>();
   const int64_t P = G.ho * G.wo, HW = G.h * G.w, taps = G.kh * G.kw;
   const int64_t panels = (P + kNR - 1) / kNR;
-  // Per kept column: input offset of its tap origin and its (kh, kw) index; per group: packed A and bias.
+  // Per kept column: input offset of its tap origin and its (kh, kw) index.
   const int64_t kcols = col_ptr[G.groups];
   std::vector<int64_t> off(kcols);
   std::vector<int32_t> kis(kcols), kjs(kcols);
-  std::vector<std::vector<float>> a_packed(G.groups), bias_g(G.groups);
-  int64_t kmax = 0, woff = 0;
   for (int64_t g = 0; g < G.groups; ++g) {
-    const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
-    kmax = std::max(kmax, k);
     for (int64_t i = col_ptr[g]; i < col_ptr[g + 1]; ++i) {
       const int64_t c = col_idx[i] / taps, t = col_idx[i] % taps;
       kis[i] = int32_t(t / G.kw), kjs[i] = int32_t(t % G.kw);
       off[i] = (g * G.cg + c) * HW + kis[i] * G.dh * G.w + kjs[i] * G.dw;
     }
-    const int64_t blocks = (r + kMR - 1) / kMR;
-    std::vector<float>& ap = a_packed[g];
-    ap.assign(std::max<int64_t>(1, blocks * kMR * k), 0.0f);
-    for (int64_t row = 0; row < r; ++row) {
-      const float* src = weight + woff + row * k;
-      float* dst = ap.data() + (row / kMR) * kMR * k + row % kMR;
-      for (int64_t kk = 0; kk < k; ++kk) dst[kk * kMR] = src[kk];
-    }
-    woff += r * k;
-    if (bias != nullptr) {
-      bias_g[g].resize(r);
-      for (int64_t row = 0; row < r; ++row) bias_g[g][row] = bias[row_idx[row_ptr[g] + row]];
-    }
+  }
+  // The kernel reads A (the kept filters) straight from the op's packed weight: per group r x k row-major.
+  std::vector<int64_t> w_off(G.groups + 1, 0);
+  int64_t kmax = 0, rblocks_max = 0;
+  for (int64_t g = 0; g < G.groups; ++g) {
+    const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
+    kmax = std::max(kmax, k);
+    rblocks_max = std::max(rblocks_max, (r + kMR - 1) / kMR);
+    w_off[g + 1] = w_off[g] + r * k;
+  }
+  std::vector<float> bias_kept;  // bias of every kept filter, in row_idx order
+  if (bias != nullptr) {
+    bias_kept.resize(row_ptr[G.groups]);
+    for (int64_t i = 0; i < row_ptr[G.groups]; ++i) bias_kept[i] = bias[row_idx[i]];
   }
 
-  const int64_t tasks = G.n * G.groups * panels;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> bpanel(std::max<int64_t>(1, kmax) * kNR);
+  // Tasks: (image, group, panel, share of the row blocks). Rows are split only when there are too few
+  // panels to keep every thread busy (each share packs its own copy of the panel).
+  const int64_t base_tasks = G.n * G.groups * panels;
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t rsplit = std::clamp<int64_t>((want + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, rblocks_max));
+  at::parallel_for(0, base_tasks * rsplit, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> bpanel(std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
     Panel pn;
     pn.row_mask.resize(G.kh);
     pn.col_mask.resize(G.kw);
     float* crow[kMR];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t pb = t % panels, g = (t / panels) % G.groups, n = t / (panels * G.groups);
+      // share outermost: consecutive tasks (one thread's range) cover the same rows of many panels, so
+      // the threads split the filters evenly and each keeps reading the same rows of A
+      const int64_t share = t / base_tasks, pb = t % panels, g = (t / panels) % G.groups;
+      const int64_t n = (t % base_tasks) / (panels * G.groups);
       const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
-      if (r == 0) continue;
+      const int64_t blocks = (r + kMR - 1) / kMR;
+      const int64_t rb0 = blocks * share / rsplit, rb1 = blocks * (share + 1) / rsplit;
+      if (rb0 == rb1) continue;
       const int64_t p0 = pb * kNR, np = std::min<int64_t>(kNR, P - p0);
       const bool runs = describe_panel(G, p0, np, pn);
-      pack_panel(x + n * G.c * HW, off.data() + col_ptr[g], kis.data() + col_ptr[g], kjs.data() + col_ptr[g], k, pn,
-                 runs, bpanel.data());
       const uint32_t all = np == kNR ? 0xffffffffu : (1u << np) - 1u;
       const __mmask16 m0 = __mmask16(all), m1 = __mmask16(all >> 16);
       const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
       float* out_n = out + n * out_rows * P + p0;
-      for (int64_t r0 = 0; r0 < r; r0 += kMR) {
-        const int m = int(std::min<int64_t>(kMR, r - r0));
-        for (int i = 0; i < m; ++i) {
-          const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
-          crow[i] = out_n + row * P;
+      const int64_t c0 = col_ptr[g];
+      const float* a_g = weight + w_off[g];
+      // k in chunks of kKC kept columns, so the panel chunk (kKC x 32 floats) stays in L1 for every row block
+      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += kKC) {
+        const int64_t kc = std::min(kKC, k - kc0);
+        pack_panel(x + n * G.c * HW, off.data() + c0 + kc0, kis.data() + c0 + kc0, kjs.data() + c0 + kc0, kc, pn,
+                   runs, bpanel.data());
+        for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+          const int m = int(std::min<int64_t>(kMR, r - r0));
+          for (int i = 0; i < m; ++i) {
+            const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
+            crow[i] = out_n + row * P;
+          }
+          kernels[m](a_g + r0 * k + kc0, k, bpanel.data(), kc, crow,
+                     bias != nullptr ? bias_kept.data() + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
         }
-        kernels[m](a_packed[g].data() + r0 * k, bpanel.data(), k, crow, bias != nullptr ? bias_g[g].data() + r0 : nullptr,
-                   m0, m1);
       }
     }
   });
@@ -229,7 +252,7 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
 
 bool gather_gemm_supported() { return false; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
-void gather_gemm_conv2d_f32(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
+void gather_gemm_conv2d_f32(const float*, const at::Tensor&, const int64_t*, const int64_t*, const int64_t*,
                             const int64_t*, const float*, const ConvGeometry&, float*, int64_t, bool) {
   TORCH_CHECK(false, "compact_conv2d: the AVX-512 kernel is not part of this build");
 }

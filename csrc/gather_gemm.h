@@ -18,9 +18,10 @@ bool gather_gemm_supported();
 bool gather_gemm_fits(const ConvGeometry& G);
 
 // out: N x out_rows x Ho x Wo (contiguous, float); rows of removed filters are not touched. x contiguous.
-// weight: the op's packed compact weight; bias: out_channels entries or nullptr.
-void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
-                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
-                            float* out, int64_t out_rows, bool compact_output);
+// weight: the op's packed compact weight (contiguous float; its packed-A form is cached while the tensor
+// is unchanged); bias: out_channels entries or nullptr.
+void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight, const int64_t* row_idx,
+                            const int64_t* row_ptr, const int64_t* col_idx, const int64_t* col_ptr, const float* bias,
+                            const ConvGeometry& G, float* out, int64_t out_rows, bool compact_output);
 
 }  // namespace ssl_lightning
