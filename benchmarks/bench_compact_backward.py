@@ -61,7 +61,7 @@ def main() -> None:
             "reference": lambda a=a: ops.compact_conv2d_backward_reference(*a),
             "op": lambda a=a: torch.ops.ssl_lightning.compact_conv2d_backward(*a),
         }
-        timers = {key: Timer("f()", globals={"f": f}) for key, f in fns.items()}
+        timers = {key: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for key, f in fns.items()}
         samples: dict[str, list[float]] = {key: [] for key in fns}
         for _ in range(args.rounds):
             for key, t in timers.items():

@@ -154,7 +154,7 @@ def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str
 
 def measure(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
     """Round-robin timing: each round times every candidate once (autoranged count), median over rounds."""
-    timers = {k: Timer("f()", globals={"f": f}) for k, f in fns.items()}
+    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
     for f in fns.values():
         f()  # warm up (oneDNN primitive caches, allocator)
     samples: dict[str, list[float]] = {k: [] for k in fns}

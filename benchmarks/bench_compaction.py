@@ -10,6 +10,9 @@ coupled SSL filter groups do, so compact() can remove its channel from the next 
 FLOP ratio (dense MACs / structured MACs) is printed beside the measured speedup of the conv stack and
 of the whole model.
 Timed under torch.inference_mode, dense and compacted interleaved in one process, median of rounds.
+
+--compile adds the conv stack with both models under torch.compile (Inductor generates the pooling, LRN
+and activation loops; convolutions stay oneDNN / our op), the same treatment for dense and compacted.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def conv_stack(model: nn.Module) -> nn.Module:
 
 
 def median_times(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    timers = {k: Timer("f()", globals={"f": f}) for k, f in fns.items()}
+    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
     number = {k: max(1, int(0.1 / max(t.timeit(1).median, 1e-6))) for k, t in timers.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
@@ -94,15 +97,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--cases", default="", help="only cases whose name contains this text")
+    p.add_argument("--compile", action="store_true", help="also time both conv stacks under torch.compile")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
         "| model | batch | conv FLOP ratio | conv layers speedup (% of ratio) | conv stack speedup (% of ratio) "
-        "| whole model speedup | compaction |"
+        "| whole model speedup |"
+        + (" conv stack speedup, both compiled (% of ratio) |" if args.compile else "")
+        + " compaction |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""))
     for name, build, shape, fractions, zero_blocks in case_list():
+        if args.cases not in name:
+            continue
         torch.manual_seed(0)
         model = build().eval()
         zero_structure(model, fractions, zero_blocks=zero_blocks)
@@ -122,6 +131,12 @@ def main() -> None:
                 if dense_stack is not model:  # the conv stack is a part of the model (AlexNet's features)
                     fns["dense_stack"] = lambda m=dense_stack, x=x: m(x)
                     fns["fast_stack"] = lambda m=fast_stack, x=x: m(x)
+                if args.compile:
+                    dense_c, fast_c = torch.compile(dense_stack), torch.compile(fast_stack)
+                    # compile outside the timing, and check the compiled compacted stack against the dense one
+                    torch.testing.assert_close(fast_c(x), dense_c(x), rtol=1e-4, atol=1e-4)
+                    fns["dense_compiled"] = lambda m=dense_c, x=x: m(x)
+                    fns["fast_compiled"] = lambda m=fast_c, x=x: m(x)
                 t = median_times(fns, args.rounds)
             t.setdefault("dense_stack", t["dense"])
             t.setdefault("fast_stack", t["fast"])
@@ -136,10 +151,14 @@ def main() -> None:
                 for n, keep in info.channels.out_keep.items()
                 if isinstance(mod := model.get_submodule(n), nn.Conv2d)
             )
+            compiled = ""
+            if args.compile:
+                c = t["dense_compiled"] / t["fast_compiled"]
+                compiled = f"{c:.2f} ({100 * c / flop_ratio:.0f} %) | "
             print(
                 f"| {name} | {batch} | {flop_ratio:.2f} | {layers:.2f} ({100 * layers / flop_ratio:.0f} %) | "
                 f"{stack:.2f} ({100 * stack / flop_ratio:.0f} %) | "
-                f"{t['dense'] / t['fast']:.2f} | {impls} CompactConv2d, {filters} filters and "
+                f"{t['dense'] / t['fast']:.2f} | {compiled}{impls} CompactConv2d, {filters} filters and "
                 f"{len(info.depth)} branches removed |",
                 flush=True,
             )

@@ -48,12 +48,14 @@ def main() -> None:
             torch.equal(a, b)
             for a, b in zip(lowered_nonzero(w, groups), lowered_nonzero_reference(w, groups), strict=True)
         )
-        ref = tb.Timer("f(w, g)", globals={"f": lowered_nonzero_reference, "w": w, "g": groups}).blocked_autorange(
-            min_run_time=0.5
-        )
-        ours = tb.Timer("f(w, g)", globals={"f": lowered_nonzero, "w": w, "g": groups}).blocked_autorange(
-            min_run_time=0.5
-        )
+        ref = tb.Timer(
+            "f(w, g)",
+            globals={"f": lowered_nonzero_reference, "w": w, "g": groups},
+            num_threads=torch.get_num_threads(),
+        ).blocked_autorange(min_run_time=0.5)
+        ours = tb.Timer(
+            "f(w, g)", globals={"f": lowered_nonzero, "w": w, "g": groups}, num_threads=torch.get_num_threads()
+        ).blocked_autorange(min_run_time=0.5)
         shape = "x".join(map(str, w.shape))
         print(
             f"{name:<8}{shape:>20}{1e6 * ref.median:>14.1f}{1e6 * ours.median:>13.1f}{ref.median / ours.median:>8.2f}x"

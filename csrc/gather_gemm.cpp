@@ -1,7 +1,8 @@
 // fp32 AVX-512 kernel of ssl_lightning::compact_conv2d (see gather_gemm.h).
 //
 // Per image n, conv group g and panel of NR = 32 consecutive output positions p0..p0+31:
-//   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions with one masked
+//   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions, one masked
+//      unaligned load per run of positions that are consecutive in memory (stride-1 width) or one masked
 //      gather per 16 lanes; the mask is the tap's in-bounds set (zero padding) = row mask & column mask;
 //   2. for every block of MR = 12 kept filters: C[12 x 32] = bias + A[12 x k] @ B[k x 32] in 24 zmm
 //      accumulators, stored (masked at the last panel) to each filter's own output row.

@@ -80,7 +80,10 @@ def _compact_and_time(net: torch.nn.Module, data: MNIST5kDataModule) -> dict[str
     with torch.inference_mode():
         for batch in (1, 64):
             x = images[:batch]
-            timers = {k: Timer("m(x)", globals={"m": m, "x": x}) for k, m in (("dense", net), ("compact", info.model))}
+            timers = {
+                k: Timer("m(x)", globals={"m": m, "x": x}, num_threads=torch.get_num_threads())
+                for k, m in (("dense", net), ("compact", info.model))
+            }
             runs: dict[str, list[float]] = {k: [] for k in timers}
             for _ in range(5):  # interleaved rounds, median
                 for k, t in timers.items():

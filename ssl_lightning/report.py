@@ -310,7 +310,7 @@ def _count_macs(fn: Any) -> int:
 def _median_ms(fns: dict[str, Any], rounds: int) -> dict[str, float]:
     from torch.utils.benchmark import Timer
 
-    timers = {k: Timer("f()", globals={"f": f}) for k, f in fns.items()}
+    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
     number = {k: max(1, int(0.02 / max(t.timeit(1).median, 1e-7))) for k, t in timers.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):  # interleaved: dense and compacted see the same machine state
