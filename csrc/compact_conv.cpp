@@ -147,13 +147,23 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor x = input.contiguous();
   const int64_t P = G.ho * G.wo;
   const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
-  at::Tensor out;
-  if (compact_output) {
-    out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
-  } else if (bias.has_value()) {  // removed filters still produce their bias: the layer is a drop-in
-    out = bias->view({1, out_channels, 1, 1}).expand({G.n, out_channels, G.ho, G.wo}).contiguous();
-  } else {
-    out = at::zeros({G.n, out_channels, G.ho, G.wo}, input.options());
+  at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
+  if (!compact_output && G.n > 0) {
+    // Full width: removed filters still produce their bias (the layer is a drop-in), and so do kept filters
+    // of a group whose columns were all removed. Every other row is written whole by the kernels below.
+    std::vector<char> written(out_channels, 0);
+    for (int64_t g = 0; g < groups; ++g)
+      if (cpp[g + 1] > cpp[g])
+        for (int64_t i = rp[g]; i < rp[g + 1]; ++i) written[ri[i]] = 1;
+    std::vector<int64_t> fill;
+    for (int64_t c = 0; c < out_channels; ++c)
+      if (!written[c]) fill.push_back(c);
+    if (!fill.empty()) {
+      const at::Tensor rows = at::tensor(fill, row_idx.options());
+      at::Tensor values = bias.has_value() ? bias->index_select(0, rows).view({1, -1, 1, 1})
+                                           : at::zeros({1, int64_t(fill.size()), 1, 1}, input.options());
+      out.index_copy_(1, rows, values.expand({G.n, int64_t(fill.size()), G.ho, G.wo}));
+    }
   }
   if (G.n == 0) return out;
   if (x.scalar_type() == at::kFloat && gemm_choice() == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {

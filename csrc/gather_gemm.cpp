@@ -6,7 +6,7 @@
 //      gather per 16 lanes; the mask is the tap's in-bounds set (zero padding) = row mask & column mask;
 //   2. for every block of MR = 12 kept filters: C[12 x 32] = bias + A[12 x k] @ B[k x 32] in 24 zmm
 //      accumulators, stored (masked at the last panel) to each filter's own output row.
-// k runs in chunks of 128 so the B chunk stays in L1; A is read in place from the compact weight.
+// k runs in chunks of at most 160 so the B chunk stays in L1; A is read in place from the compact weight.
 #include "gather_gemm.h"
 
 #include <ATen/Parallel.h>
@@ -29,7 +29,7 @@ namespace {
 
 constexpr int kMR = 12;  // kept filters per micro-tile
 constexpr int kNR = 32;  // output positions per micro-tile (two zmm)
-constexpr int64_t kKC = 128;  // kept columns per packed chunk: 128 x 32 floats = 16 KiB, half of L1
+constexpr int64_t kKC = 160;  // most kept columns per packed chunk: 160 x 32 floats = 20 KiB of the 32 KiB L1
 
 // C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = (accumulate ? C : bias) +
 // a (M x k, row stride lda: the weight as the op receives it, no repacking) @ b (k x kNR panel; NV = 1 uses
@@ -230,9 +230,12 @@ void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight_t, const in
       float* out_n = out + n * out_rows * P + p0;
       const int64_t c0 = col_ptr[g];
       const float* a_g = weight + w_off[g];
-      // k in chunks of kKC kept columns, so the panel chunk (kKC x 32 floats) stays in L1 for every row block
-      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += kKC) {
-        const int64_t kc = std::min(kKC, k - kc0);
+      // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L1
+      // for every row block (equal: no short last chunk that pays a full C load / store for a few columns)
+      const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
+      const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);  // k == 0: one pass writes the bias
+      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
+        const int64_t kc = std::min(chunk, k - kc0);
         pack_panel(x + n * G.c * HW, off.data() + c0 + kc0, kis.data() + c0 + kc0, kjs.data() + c0 + kc0, kc, pn,
                    runs, bpanel.data());
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {

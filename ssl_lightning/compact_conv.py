@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Literal, TypeAlias, TypeVar
+from typing import Literal, TypeAlias, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -175,15 +175,19 @@ class CompactConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "fused":
             if has_compiled_ops() and (x.device.type == "cpu" or (x.is_cuda and has_cuda_kernels())):  # hot path
+                # parameters and buffers straight from their dicts: nn.Module.__getattr__ on seven of them
+                # costs as much as the dispatcher on a small layer
+                p, b = self._parameters, self._buffers
                 args = (
-                    x, self.weight, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr, self.bias,
+                    x, p["weight"], b["row_idx"], b["row_ptr"], b["col_idx"], b["col_ptr"], p.get("bias"),
                     self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.out_channels,
                     self.compact_output,
                 )  # fmt: skip
-                if torch.is_grad_enabled() or torch.compiler.is_compiling():  # dynamo/export trace the plain op
-                    return torch.ops.ssl_lightning.compact_conv2d(*args)
-                with torch._C._AutoDispatchBelowAutograd():  # inference: skip the Python autograd kernel
-                    return torch.ops.ssl_lightning.compact_conv2d(*args)
+                op = torch.ops.ssl_lightning.compact_conv2d.default
+                if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                    return op(*args)  # inference mode has no autograd keys; dynamo/export trace the plain op
+                with torch._C._AutoDispatchBelowAutograd():  # no_grad: skip the Python autograd kernel
+                    return op(*args)
             return compact_conv2d(
                 x, self.weight, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr, self.bias, self.kernel_size,
                 self.stride, self.padding, self.dilation, self.groups, self.out_channels, self.compact_output,
@@ -198,9 +202,11 @@ class CompactConv2d(nn.Module):
                 self.bias.view(1, -1, 1, 1).expand(shape).contiguous() if self.bias is not None else y.new_zeros(shape)
             )
             return base.index_copy(1, self.rows_sel, y)
-        conv = self.conv
-        if conv.padding_mode == "zeros":  # skip one module call on the hot path
-            y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        conv = cast(nn.Conv2d, self._modules["conv"])
+        if conv.padding_mode == "zeros":  # skip one module call and the __getattr__ lookups on the hot path
+            cp = conv._parameters
+            weight, bias = cast(Tensor, cp["weight"]), cp.get("bias")
+            y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             y = conv(x)
         return y[:, self.row_idx] if self.compact_output else y

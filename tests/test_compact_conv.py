@@ -336,3 +336,24 @@ def test_unknown_gemm_choice_is_a_clear_error() -> None:
     wc = ops.pack_compact_weight(torch.randn(2, 2, 3, 3), ri, rp, ci, cp)
     with _gemm_env("fastest"), pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, onednn or blas"):
         ops.compact_conv2d(x, wc, ri, rp, ci, cp, None, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)
+
+
+@pytest.mark.parametrize("gemm", ["auto", "onednn"])
+@pytest.mark.parametrize("keep_cols", [0.0, 1.0])
+@pytest.mark.parametrize("compact_output", [False, True])
+def test_all_or_no_columns_kept_over_several_tiles(gemm: str, keep_cols: float, compact_output: bool) -> None:
+    """0 % kept columns: the kept filters output their bias; 100 %: the dense conv. 30 filters x 3 groups
+    and 7 x 40 positions span several 12-filter tiles and 32-position panels."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 7, 40, generator=gen)
+    dense = torch.randn(90, 2, 3, 3, generator=gen)
+    bias = torch.randn(90, generator=gen)
+    ri, rp, ci, cp = layout(90, 2, 3, 3, 3, 0.6, keep_cols, 5)
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, 90, 2, (3, 3))
+    expected = F.conv2d(x, masked, bias, 1, 1, 1, 3)
+    if compact_output:
+        expected = expected[:, ri]
+    with _gemm_env(gemm):
+        got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 3, 90, compact_output)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
