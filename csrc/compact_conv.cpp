@@ -158,12 +158,18 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     std::vector<int64_t> fill;
     for (int64_t c = 0; c < out_channels; ++c)
       if (!written[c]) fill.push_back(c);
-    if (!fill.empty()) {
-      const at::Tensor rows = at::tensor(fill, row_idx.options());
-      at::Tensor values = bias.has_value() ? bias->index_select(0, rows).view({1, -1, 1, 1})
-                                           : at::zeros({1, int64_t(fill.size()), 1, 1}, input.options());
-      out.index_copy_(1, rows, values.expand({G.n, int64_t(fill.size()), G.ho, G.wo}));
-    }
+    const int64_t nfill = int64_t(fill.size()), plane = G.ho * G.wo;
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "compact_conv2d_fill", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      const scalar_t* bv = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, G.n * nfill, 64, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = i / nfill, c = fill[i % nfill];
+          std::fill_n(o + (n * out_channels + c) * plane, plane, bv != nullptr ? bv[c] : scalar_t(0));
+        }
+      });
+    });
   }
   if (G.n == 0) return out;
   if (x.scalar_type() == at::kFloat && gemm_choice() == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
