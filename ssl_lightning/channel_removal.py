@@ -88,9 +88,14 @@ class ChannelPlan:
     kept_constant: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # spaces left whole, with the reason
     unsupported: list[str] = field(default_factory=list)  # modules / ops the graph analysis cannot follow
+    # LRN modules that lose channels -> the channel count they saw; they become SparseChannelLRN
+    sparse_lrn: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
-        return {"out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds, "padded": self.padded}
+        return {
+            "out_keep": self.out_keep, "in_keep": self.in_keep, "folds": self.folds, "padded": self.padded,
+            "sparse_lrn": self.sparse_lrn,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> ChannelPlan:
@@ -100,10 +105,42 @@ class ChannelPlan:
         if not (isinstance(out_keep, dict) and isinstance(in_keep, dict) and isinstance(folds, list)):
             raise ValueError("channel plan needs 'out_keep' and 'in_keep' mappings and a 'folds' list")
         padded = d.get("padded", {})
-        if not isinstance(padded, dict):
-            raise ValueError("channel plan 'padded' must be a mapping")
+        sparse_lrn = d.get("sparse_lrn", {})  # absent from plans written before LRN support
+        if not isinstance(padded, dict) or not isinstance(sparse_lrn, dict):
+            raise ValueError("channel plan 'padded' and 'sparse_lrn' must be mappings")
         return cls({str(k): list(v) for k, v in out_keep.items()}, {str(k): list(v) for k, v in in_keep.items()},
-                   [str(f) for f in folds], {str(k): dict(v) for k, v in padded.items()})  # fmt: skip
+                   [str(f) for f in folds], {str(k): dict(v) for k, v in padded.items()},
+                   sparse_lrn={str(k): int(v) for k, v in sparse_lrn.items()})  # fmt: skip
+
+
+class SparseChannelLRN(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` over the kept channels of a compacted layer, each normalised over the window of
+    its original neighbours: the input is placed back at its original channel positions (the removed ones are
+    exactly zero there, which is why they could be removed) and the LRN runs on that, so outputs are exact."""
+
+    channels: Tensor
+
+    def __init__(self, size: int, alpha: float, beta: float, k: float, total: int, channels: Tensor) -> None:
+        super().__init__(size, alpha, beta, k)
+        self.total = total  # channel count of the original layer
+        self.register_buffer("channels", channels.to(torch.long).clone())  # kept positions, ascending
+
+    @classmethod
+    def from_lrn(cls, lrn: nn.LocalResponseNorm, n: int, keep: Tensor) -> SparseChannelLRN:
+        """``lrn`` saw ``n`` channels and keeps ``keep`` of them (indices into those ``n``)."""
+        if isinstance(lrn, SparseChannelLRN):  # compacted again: compose with the positions it already has
+            _check_index("LRN", keep, lrn.channels.numel())
+            return cls(lrn.size, lrn.alpha, lrn.beta, lrn.k, lrn.total, lrn.channels[keep])
+        _check_index("LRN", keep, n)
+        return cls(lrn.size, lrn.alpha, lrn.beta, lrn.k, n, keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        full = x.new_zeros((x.shape[0], self.total, *x.shape[2:]))
+        full = full.index_copy(1, self.channels, x)
+        return F.local_response_norm(full, self.size, self.alpha, self.beta, self.k).index_select(1, self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, channels={self.channels.numel()}/{self.total}"
 
 
 def _weight(mod: nn.Module) -> Tensor:
@@ -232,11 +269,13 @@ def plan_channel_removal(
             zero = _rows_zero(modules[name])
             constant &= zero if zero is not None else torch.zeros(n, dtype=torch.bool)
         removable = torch.ones(n, dtype=torch.bool)
+        zero = constant.clone()  # structurally constant and measured exactly 0 at every consumer
         folds: list[tuple[str, int, int, Tensor]] = []  # consumer, off, hw, values [n, hw] (nan: not constant)
         for name, off, hw in sp.consumers:
             mod = modules[name]
             ignored = _consumer_slice_zero(mod, off, n, hw)
             values = _constant_values(measured[name], mod, off, n, hw, rtol)  # [n, hw], nan where not constant
+            zero &= (values == 0).all(1)
             ok = torch.isfinite(values).all(1) & constant
             if isinstance(mod, nn.Conv2d) and _has_padding(mod) and mod.padding_mode != "zeros":
                 pass  # reflect / replicate / circular padding repeats the constant: a plain bias fold is exact
@@ -248,6 +287,8 @@ def plan_channel_removal(
                 ok &= ~nonzero
             removable &= ignored | ok
             folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
+        if sp.zero_only:  # LRN: a removed channel must add nothing to its neighbours' windows
+            removable &= zero
         removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules, align)
         if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
             removable[0] = False
@@ -256,6 +297,8 @@ def plan_channel_removal(
         keep = (~removable).nonzero().flatten()
         for name in sp.producers + sp.passthrough:
             plan.out_keep[name] = keep.tolist()
+        for name in sp.zero_only:
+            plan.sparse_lrn[name] = n
         for name, off, hw, values in folds:
             mod = modules[name]
             width = mod.in_channels if isinstance(mod, nn.Conv2d) else _weight(mod).shape[1]
@@ -304,7 +347,9 @@ def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module
         mod = modules.get(name)
         if mod is None:  # a per-channel constant buffer (depth removal), sliced along dim 1
             continue
-        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU) and not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU) and not isinstance(
+            mod, nn.modules.batchnorm._BatchNorm | nn.LocalResponseNorm
+        ):
             return f"{name} is a {type(mod).__name__}"
     return ""
 
@@ -380,7 +425,12 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 mod.bias += corrections[name].to(mod.bias)
         for name, keep_list in plan.out_keep.items():
             keep = torch.tensor(keep_list, dtype=torch.long)
-            if name in modules:
+            if name in plan.sparse_lrn:
+                mod = modules.get(name)
+                if not isinstance(mod, nn.LocalResponseNorm):
+                    raise ValueError(f"channel plan makes {name!r} a SparseChannelLRN, but it is {type(mod).__name__}")
+                model.set_submodule(name, SparseChannelLRN.from_lrn(mod, plan.sparse_lrn[name], keep))
+            elif name in modules:
                 _slice_out(name, modules[name], keep)
             else:  # constant buffer [1, C, 1, ...] of a rewritten block
                 parent, _, attr = name.rpartition(".")

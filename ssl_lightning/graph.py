@@ -35,7 +35,7 @@ _PASS_MODULES: tuple[type[nn.Module], ...] = (
 _PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
     F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-    torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.local_response_norm,
+    torch.relu, torch.sigmoid, torch.tanh,
     F.interpolate, F.hardtanh, F.hardsigmoid, F.softplus, F.mish,
 }  # fmt: skip
 _REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}  # over spatial dims: channels stay
@@ -63,6 +63,9 @@ class ChannelSpace:
     consumers: list[tuple[str, int, int]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     mixing: list[str] = field(default_factory=list)  # ops that mix neighbouring channels (LRN): no removal
+    # LRN modules on this space alone: a channel may go only if it is exactly zero at their input (it then adds
+    # nothing to its neighbours' windows), and they become SparseChannelLRN (kept channels at their positions)
+    zero_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +123,7 @@ class _Analyzer:
         sa.consumers += sb.consumers
         sa.blocked += sb.blocked
         sa.mixing += sb.mixing
+        sa.zero_only += sb.zero_only
 
     def space(self, i: int) -> ChannelSpace:
         return self.spaces[self.find(i)]
@@ -214,7 +218,10 @@ class _Analyzer:
                     out = x
                 elif isinstance(mod, _PASS_MODULES) and isinstance(x, _Value):
                     for sid, _ in x.segments:
-                        if isinstance(mod, nn.LocalResponseNorm):
+                        if isinstance(mod, nn.LocalResponseNorm) and len(x.segments) == 1 and not x.flat:
+                            self.space(sid).passthrough.append(name)
+                            self.space(sid).zero_only.append(name)
+                        elif isinstance(mod, nn.LocalResponseNorm):  # windows across joined spaces
                             self.space(sid).mixing.append(name)
                         elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
                             self.space(sid).passthrough.append(name)
@@ -258,6 +265,11 @@ class _Analyzer:
         if (is_fn and target is getattr) or (not is_fn and target in _IGNORED_METHODS):
             return None
         if (is_fn and target in _PASS_FUNCTIONS) or (not is_fn and target in _PASS_METHODS):
+            return x if isinstance(x, _Value) else None
+        if is_fn and target is F.local_response_norm:  # mixes neighbouring channels; no module to replace
+            if isinstance(x, _Value):
+                for sid, _ in x.segments:
+                    self.space(sid).mixing.append(node.name)
             return x if isinstance(x, _Value) else None
         if (is_fn and target in _BINARY) or (not is_fn and target in _BINARY_METHODS):
             tensors = [a for a in args[:2] if isinstance(a, _Value)]
@@ -371,7 +383,7 @@ def _leaves(a: object) -> list[fx.Node]:
 
 # Compacted layers (their forwards branch on device / shape) are traced as opaque calls; the analysis then
 # treats them like any module it does not know: their channels stay.
-_COMPACTED_LAYERS = {"CompactConv2d", "CompactLinear", "PaddedFoldConv2d"}
+_COMPACTED_LAYERS = {"CompactConv2d", "CompactLinear", "PaddedFoldConv2d", "SparseChannelLRN"}
 
 
 class _Tracer(fx.Tracer):

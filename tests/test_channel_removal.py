@@ -266,11 +266,20 @@ def test_mixed_branch_channel_and_shared_module_are_kept() -> None:
     assert info.model.conv.out_channels == 4 and any("called more than once" in s for s in info.channels.skipped)
 
 
-def test_lrn_blocks_channel_removal() -> None:
-    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LocalResponseNorm(3), nn.Conv2d(8, 4, 3))
-    zero_filter(m[0], [2])
+def test_lrn_over_concatenated_layers_blocks_channel_removal() -> None:
+    class CatLRN(nn.Module):  # the LRN windows span both producers: kept whole
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+            self.norm, self.head = nn.LocalResponseNorm(3), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.norm(F.relu(torch.cat([self.a(x), self.b(x)], 1))))
+
+    m = CatLRN()
+    zero_filter(m.a, [2])
     info = compact_exact(m, torch.randn(2, 3, 9, 9))
-    assert info.model[0].out_channels == 8 and any("channel-mixing" in s for s in info.channels.skipped)
+    assert info.model.a.out_channels == 4 and any("channel-mixing" in s for s in info.channels.skipped)
 
 
 def test_zero_residual_branches_disappear_from_the_forward_pass(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -455,3 +464,69 @@ def test_upsample_concat_and_spatial_mean_head_are_followed() -> None:
     assert out.down.out_channels == 6 and out.dec.in_channels == 14 and out.dec.out_channels == 9
     assert out.fc.in_features == 9 and sorted(info.channels.folds) == ["dec", "fc"]
     assert n_params(m) - n_params(out) == 2 * (8 * 9 + 1) + 2 * 12 + 3 * (14 + 1) + 3 * 3
+
+
+class ConvPoolLRN(nn.Module):
+    """CaffeNet's first stage: conv -> ReLU -> max-pool -> LRN -> conv (padded) -> flatten -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.pool = nn.MaxPool2d(3, 2)
+        self.norm = nn.LocalResponseNorm(5)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self.pool(F.relu(self.conv1(x))))
+        return self.fc(F.relu(self.conv2(x)).flatten(1))
+
+
+def test_zero_channels_pass_through_lrn_at_their_original_positions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssl_lightning import apply_compaction_plan, compaction_plan
+    from ssl_lightning.channel_removal import SparseChannelLRN
+
+    torch.manual_seed(12)
+    m = ConvPoolLRN()
+    with torch.no_grad():
+        m.conv1.bias.abs_()  # ReLU(bias) > 0 for a zero filter: a nonzero constant in neighbours' windows
+    zero_filter(m.conv1, [1, 4, 6])
+    with torch.no_grad():
+        m.conv1.bias[[1, 4]] = 0  # filters 1, 4: exactly 0 into the LRN -> removable
+    # filter 6 keeps its bias: the constant ReLU(b6) > 0 is in channels 4-7's windows, so it stays
+    x = torch.randn(2, 3, 11, 11)
+    info = compact_exact(m, x)
+    out = info.model
+    assert isinstance(out.norm, SparseChannelLRN) and out.norm.channels.tolist() == [0, 2, 3, 5, 6, 7]
+    assert out.conv1.out_channels == 6 and out.conv2.in_channels == 6  # channel 6 stays: nonzero constant
+    assert n_params(m) - n_params(out) == 2 * (3 * 9 + 1) + 2 * 6 * 9
+    # persistence: the plan rebuilds the sparse LRN on a fresh model, and the weights load into it
+    plan = compaction_plan(out)
+    torch.save(out.state_dict(), tmp_path / "w.pt")
+    fresh = apply_compaction_plan(ConvPoolLRN(), plan)
+    fresh.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+def test_nonzero_ignored_channel_and_functional_lrn_keep_their_channels() -> None:
+    torch.manual_seed(13)
+    m = ConvPoolLRN()
+    with torch.no_grad():
+        m.conv2.weight[:, 2] = 0  # conv2 ignores channel 2, but it is not zero: it still normalises 1, 3, 4
+    info = compact_exact(m, torch.randn(2, 3, 11, 11))
+    assert info.model.conv1.out_channels == 8 and type(info.model.norm) is nn.LocalResponseNorm
+
+    class Functional(ConvPoolLRN):
+        def forward(self, x: Tensor) -> Tensor:
+            x = F.local_response_norm(self.pool(F.relu(self.conv1(x))), 5)
+            return self.fc(F.relu(self.conv2(x)).flatten(1))
+
+    f = Functional()
+    zero_filter(f.conv1, [1])
+    with torch.no_grad():
+        f.conv1.bias[1] = 0
+    info = compact_exact(f, torch.randn(2, 3, 11, 11))
+    assert info.model.conv1.out_channels == 8
+    assert any("channel-mixing op local_response_norm" in s for s in info.channels.skipped)
