@@ -14,8 +14,10 @@ of a space is removed when every consumer can do without it:
   zero padding; behind zero padding it reaches border outputs only through the in-bounds taps, so the
   conv is wrapped in :class:`PaddedFoldConv2d`, which adds that per-position map.
 
-Spaces that reach the model output or input, pass an op the analysis does not follow, pass a
-channel-mixing op (LRN) or touch a module called twice are left alone. The plan is plain data
+Through an ``nn.LocalResponseNorm`` only channels that are exactly zero at its input can go (they add
+nothing to their neighbours' windows); it becomes :class:`SparseChannelLRN`. Spaces that reach the model
+output or input, pass an op the analysis does not follow, pass a functional LRN or one over joined layers,
+or touch a module called twice are left alone. The plan is plain data
 (:class:`ChannelPlan`), so the same slicing rebuilds a compacted model's structure before loading its
 weights.
 """
