@@ -1,6 +1,6 @@
 // The fp32 x86-64 AVX-512 path of ssl_lightning::compact_conv2d: the kept columns of the im2col matrix are
 // gathered from the input straight into the GEMM's packed B panels (32 output positions x k kept columns),
-// and a 12 x 32 register-blocked micro-kernel multiplies them with the packed kept rows, writing each
+// and a 12 x 32 register-blocked micro-kernel multiplies them with the kept rows (read in place), writing each
 // output row at its final channel (full-width or compact layout). No lowered matrix exists beyond one
 // panel per thread, and no BLAS call is made.
 #pragma once
@@ -18,8 +18,8 @@ bool gather_gemm_supported();
 bool gather_gemm_fits(const ConvGeometry& G);
 
 // out: N x out_rows x Ho x Wo (contiguous, float); rows of removed filters are not touched. x contiguous.
-// weight: the op's packed compact weight (contiguous float; its packed-A form is cached while the tensor
-// is unchanged); bias: out_channels entries or nullptr.
+// weight: the op's compact weight (contiguous float, per group kept rows x kept columns, read in place);
+// bias: out_channels entries or nullptr.
 void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight, const int64_t* row_idx,
                             const int64_t* row_ptr, const int64_t* col_idx, const int64_t* col_ptr, const float* bias,
                             const ConvGeometry& G, float* out, int64_t out_rows, bool compact_output);
