@@ -43,15 +43,13 @@ std::string gemm_choice() {
   return v;
 }
 
-bool use_onednn_gemm() { return at::hasMKLDNN() && gemm_choice() != "blas"; }
-
 // oneDNN builds a matmul primitive per call (~35 us here), so it only pays off on larger GEMMs.
 constexpr double kOneDnnMinFlops = 32e6;
 
-// dst (contiguous) = (accumulate ? dst : 0) + w @ l
-void gemm_into(const at::Tensor& w, const at::Tensor& l, const at::Tensor& dst, bool accumulate) {
+// dst (contiguous) = (accumulate ? dst : 0) + w @ l; onednn: large fp32 GEMMs may go to oneDNN's matmul
+void gemm_into(const at::Tensor& w, const at::Tensor& l, const at::Tensor& dst, bool accumulate, bool onednn) {
   const double flops = 2.0 * double(w.size(0)) * double(w.size(1)) * double(l.size(1));
-  if (w.scalar_type() == at::kFloat && flops >= kOneDnnMinFlops && use_onednn_gemm()) {
+  if (w.scalar_type() == at::kFloat && flops >= kOneDnnMinFlops && onednn) {
     at::native::mkldnn_matmul(w, l, dst, accumulate ? 1.0f : 0.0f, 1.0f);
   } else if (accumulate) {
     dst.addmm_(w, l);
@@ -172,8 +170,10 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
   }
   if (G.n == 0) return out;
-  if (x.scalar_type() == at::kFloat && gemm_choice() == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
-    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous(), ri, rp, ci, cpp,
+  const std::string choice = gemm_choice();  // once per call, not per tile
+  const bool onednn = at::hasMKLDNN() && choice != "blas";
+  if (x.scalar_type() == at::kFloat && choice == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
+    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
                            bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
                            out.mutable_data_ptr<float>(), out_rows, compact_output);
     return out;
@@ -216,7 +216,7 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
         const bool direct = compact_output && dst.is_contiguous();  // one tile covering all positions
         at::Tensor block = direct ? dst : at::empty({r, pt}, x.options());
         if (bias.has_value()) block.copy_(bias_g.expand({r, pt}));
-        gemm_into(wg, lowered, block, bias.has_value());
+        gemm_into(wg, lowered, block, bias.has_value(), onednn);
         if (compact_output) {
           if (!direct) dst.copy_(block);
         } else {  // scatter the compact block's rows to their output channels

@@ -170,10 +170,9 @@ bool gather_gemm_fits(const ConvGeometry& G) {
   return span < std::numeric_limits<int32_t>::max() / 2;
 }
 
-void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight_t, const int64_t* row_idx,
-                            const int64_t* row_ptr, const int64_t* col_idx, const int64_t* col_ptr, const float* bias,
-                            const ConvGeometry& G, float* out, int64_t out_rows, bool compact_output) {
-  const float* weight = weight_t.const_data_ptr<float>();
+void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
+                            float* out, int64_t out_rows, bool compact_output) {
   const int64_t P = G.ho * G.wo, HW = G.h * G.w, taps = G.kh * G.kw;
   const int64_t panels = (P + kNR - 1) / kNR;
   // Per kept column: input offset of its tap origin and its (kh, kw) index.
@@ -256,7 +255,7 @@ void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight_t, const in
 
 bool gather_gemm_supported() { return false; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
-void gather_gemm_conv2d_f32(const float*, const at::Tensor&, const int64_t*, const int64_t*, const int64_t*,
+void gather_gemm_conv2d_f32(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
                             const int64_t*, const float*, const ConvGeometry&, float*, int64_t, bool) {
   TORCH_CHECK(false, "compact_conv2d: the AVX-512 kernel is not part of this build");
 }

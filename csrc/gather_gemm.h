@@ -20,8 +20,8 @@ bool gather_gemm_fits(const ConvGeometry& G);
 // out: N x out_rows x Ho x Wo (contiguous, float); rows of removed filters are not touched. x contiguous.
 // weight: the op's compact weight (contiguous float, per group kept rows x kept columns, read in place);
 // bias: out_channels entries or nullptr.
-void gather_gemm_conv2d_f32(const float* x, const at::Tensor& weight, const int64_t* row_idx,
-                            const int64_t* row_ptr, const int64_t* col_idx, const int64_t* col_ptr, const float* bias,
-                            const ConvGeometry& G, float* out, int64_t out_rows, bool compact_output);
+void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
+                            float* out, int64_t out_rows, bool compact_output);
 
 }  // namespace ssl_lightning

@@ -530,3 +530,11 @@ def test_nonzero_ignored_channel_and_functional_lrn_keep_their_channels() -> Non
     info = compact_exact(f, torch.randn(2, 3, 11, 11))
     assert info.model.conv1.out_channels == 8
     assert any("channel-mixing op local_response_norm" in s for s in info.channels.skipped)
+
+
+def test_plan_naming_a_non_lrn_module_as_sparse_lrn_is_rejected() -> None:
+    from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan
+
+    plan = ChannelPlan(out_keep={"conv2": [0, 1]}, sparse_lrn={"conv2": 6})
+    with pytest.raises(ValueError, match=r"makes 'conv2' a SparseChannelLRN, but it is Conv2d"):
+        apply_channel_plan(ConvPoolLRN(), plan)
