@@ -152,8 +152,9 @@ def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str
     return fns, ideal, module.impl
 
 
-def measure(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    """Round-robin timing: each round times every candidate once (autoranged count), median over rounds."""
+def measure(fns: dict[str, Callable[[], Tensor]], rounds: int, stat: str = "median") -> dict[str, float]:
+    """Round-robin timing: each round times every candidate once (a block of about 50 ms), then the median
+    (or, with stat="min", the best) block over rounds."""
     timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
     for f in fns.values():
         f()  # warm up (oneDNN primitive caches, allocator)
@@ -162,7 +163,8 @@ def measure(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, floa
     for _ in range(rounds):
         for k, t in timers.items():
             samples[k].append(t.timeit(number[k]).median)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    reduce = min if stat == "min" else statistics.median
+    return {k: reduce(v) for k, v in samples.items()}
 
 
 def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float]:
@@ -192,6 +194,10 @@ def _main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--stat", choices=["median", "min"], default="median",
+        help="per candidate, the median or the best of its rounds' blocks (best: least disturbed by other load)",
+    )  # fmt: skip
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--suite", default="", help="only suites whose title contains this text")
     p.add_argument("--no-paper-protocol", action="store_true", help="skip the GEMM-only table")
@@ -199,7 +205,8 @@ def _main() -> None:
     torch.set_num_threads(args.threads)
     lines = [
         f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer"
+        f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer; {args.stat} of "
+        f"{args.rounds} rounds"
     ]
     cols = ["rows", "unfold", "csr", "fused", "module", "ideal"]
     for batch in args.batch:
@@ -213,7 +220,7 @@ def _main() -> None:
             speed = []
             for layer in layers:
                 fns, ideal, mod_impl = candidates(layer, batch, gen)
-                t = measure(fns, args.rounds)
+                t = measure(fns, args.rounds, args.stat)
                 sp = {k: t["dense"] / v for k, v in t.items()}
                 sp["ideal"] = ideal
                 speed.append(sp)

@@ -146,7 +146,16 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t P = G.ho * G.wo;
   const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
   at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
-  if (!compact_output && G.n > 0) {
+  if (G.n == 0) return out;
+  const std::string choice = gemm_choice();  // once per call, not per tile
+  if (x.scalar_type() == at::kFloat && choice == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
+    // writes every output row itself (removed filters' bias included), in one parallel region
+    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
+                           bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
+                           out.mutable_data_ptr<float>(), out_rows, compact_output);
+    return out;
+  }
+  if (!compact_output) {
     // Full width: removed filters still produce their bias (the layer is a drop-in), and so do kept filters
     // of a group whose columns were all removed. Every other row is written whole by the kernels below.
     std::vector<char> written(out_channels, 0);
@@ -169,15 +178,7 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
       });
     });
   }
-  if (G.n == 0) return out;
-  const std::string choice = gemm_choice();  // once per call, not per tile
   const bool onednn = at::hasMKLDNN() && choice != "blas";
-  if (x.scalar_type() == at::kFloat && choice == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
-    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
-                           bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
-                           out.mutable_data_ptr<float>(), out_rows, compact_output);
-    return out;
-  }
 
   // per-group offsets into the packed weight
   std::vector<int64_t> woff(groups + 1, 0);

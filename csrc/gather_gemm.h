@@ -17,7 +17,9 @@ bool gather_gemm_supported();
 // True when the geometry fits the kernel's 32-bit gather offsets.
 bool gather_gemm_fits(const ConvGeometry& G);
 
-// out: N x out_rows x Ho x Wo (contiguous, float); rows of removed filters are not touched. x contiguous.
+// out: N x out_rows x Ho x Wo (contiguous, float), written whole: with full-width output (out_rows ==
+// out_channels) the rows of removed filters get their bias (or 0), filled inside the same tasks (one
+// parallel region per call, each task filling its own panel). x contiguous.
 // weight: the op's compact weight (contiguous float, per group kept rows x kept columns, read in place);
 // bias: out_channels entries or nullptr.
 void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,

@@ -357,3 +357,24 @@ def test_all_or_no_columns_kept_over_several_tiles(gemm: str, keep_cols: float, 
     with _gemm_env(gemm):
         got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 3, 90, compact_output)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("cg", "keep_cols"), [(80, 0.95), (160, 1.0)])  # k = 684 and 1440 kept columns
+@pytest.mark.parametrize("compact_output", [False, True])
+def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, compact_output: bool) -> None:
+    """More kept columns than one packed k chunk holds (640 on the AVX-512 path): the partial products of
+    the chunks add up, with the bias added once."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2 * cg, 6, 9, generator=gen)
+    dense = torch.randn(26, cg, 3, 3, generator=gen)
+    bias = torch.randn(26, generator=gen)
+    ri, rp, ci, cp = layout(26, cg, 3, 3, 2, 0.7, keep_cols, 11)
+    assert int((cp[1:] - cp[:-1]).min()) > 640
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, 26, cg, (3, 3))
+    expected = F.conv2d(x, masked, bias, 1, 1, 1, 2)
+    if compact_output:
+        expected = expected[:, ri]
+    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 2, 26, compact_output)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() / expected.abs().max() <= 1e-5
