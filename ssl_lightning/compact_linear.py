@@ -37,7 +37,7 @@ class CompactLinear(nn.Module):
         compact = cls(linear, keep)
         if example_input is None:
             return compact if keep.numel() <= max_kept * linear.in_features else linear
-        return compact if fastest({"compact": compact, "dense": linear}, example_input) == "compact" else linear
+        return compact if fastest({"dense": linear, "compact": compact}, example_input) == "compact" else linear
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x.index_select(-1, self.in_idx), self.weight, self.bias)

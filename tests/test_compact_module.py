@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from ssl_lightning import CompactConv2d
+from ssl_lightning.compact_conv import fastest
 
 
 def sparse_conv(
@@ -135,3 +138,30 @@ def test_flop_counter_counts_only_kept_rows_and_columns_of_the_fused_op() -> Non
     with FlopCounterMode(display=False) as counter:
         mod(torch.randn(2, 16, 8, 8))
     assert counter.get_total_flops() == 2 * (2 * 8 * 8) * 24 * 96
+
+
+class _Spin(nn.Module):
+    """Busy-waits ``seconds`` per call: a module with an exactly known run time."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return x
+
+
+def test_fastest_keeps_the_baseline_unless_a_candidate_wins_by_the_margin() -> None:
+    x = torch.zeros(1)
+    base = _Spin(1e-3)
+    assert fastest({"dense": base, "fused": _Spin(0.5e-3)}, x) == "fused"
+    assert fastest({"dense": base, "fused": _Spin(0.99e-3)}, x) == "dense"  # 1 % is within the margin
+    assert fastest({"dense": base, "fused": _Spin(0.99e-3)}, x, margin=0.0) == "fused"
+    assert fastest({"dense": _Spin(0.5e-3), "fused": base}, x) == "dense"
+    with pytest.raises(ValueError, match="margin must be in"):
+        fastest({"dense": base}, x, margin=1.0)
+    with pytest.raises(ValueError, match="at least one module"):
+        fastest({}, x)
