@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import struct
+import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -87,33 +89,55 @@ def trainer(tmp_path: Path, **kw: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def read_wandb_history(save_dir: Path) -> list[dict[str, Any]]:
-    """History rows of every offline run under ``save_dir`` (parses the .wandb leveldb-log records)."""
+def _wandb_records(path: str) -> tuple[list[Any], bool]:
+    """Records of one offline ``.wandb`` transaction log (LevelDB-log framing: a 7-byte file header, then
+    32 KiB blocks of CRC-32 framed fragments) and whether the log is complete (ends with the run's exit
+    record). A torn or not-yet-written tail ends the parse instead of raising."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    data = Path(path).read_bytes()
+    records: list[Any] = []
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer, zero padding
+            pos += left
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != crc:
+            break  # the writer has not flushed this far yet
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST extend it
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+    complete = bool(records) and records[-1].WhichOneof("record_type") == "exit"
+    return records, complete
+
+
+def read_wandb_history(save_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """History rows of every offline run under ``save_dir``.
+
+    wandb's service process writes the log and may still be flushing it when ``wandb.finish()`` returns,
+    so this waits (up to ``timeout`` s) until every run's log ends with its exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+        parsed = [_wandb_records(p) for p in paths]
+        if (paths and all(done for _, done in parsed)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not paths or not all(done for _, done in parsed):
+        sizes = {p: Path(p).stat().st_size for p in paths}
+        raise AssertionError(f"no complete wandb offline log under {save_dir} after {timeout} s: {sizes}")
     rows: list[dict[str, Any]] = []
-    for path in glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb")):
-        data = Path(path).read_bytes()
-        pos, block, buf = 7, 32768, b""  # 7-byte file header, then 32 KiB blocks of records
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:
-                pos += left
-                continue
-            _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            pos += 7
-            if kind == 0 and length == 0:
-                pos += left - 7
-                continue
-            chunk = data[pos : pos + length]
-            pos += length
-            if kind in (1, 2):
-                buf = chunk
-            else:
-                buf += chunk
-            if kind in (1, 4):
-                rec = pb.Record()
-                rec.ParseFromString(buf)
-                if rec.WhichOneof("record_type") == "history":
-                    rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    for records, _ in parsed:
+        for rec in records:
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return rows

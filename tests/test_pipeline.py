@@ -80,5 +80,6 @@ def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> No
     wandb.finish()  # the CLI process flushes at exit; in-process, finish the offline run before reading it
     rows = read_wandb_history(tmp_path)
     keys = {k for r in rows for k in r}
-    assert {"run/val_acc", "run/speedup_batch1", "run/conv2/flop_fraction"} <= keys
-    assert {"run/layer_sparsity/_type", "run/conv1_filters/_type"} <= keys  # the PNG charts as W&B images
+    want = {"run/val_acc", "run/speedup_batch1", "run/conv2/flop_fraction"}
+    want |= {"run/layer_sparsity/_type", "run/conv1_filters/_type"}  # the PNG charts as W&B images
+    assert want <= keys, f"missing {sorted(want - keys)}; logged {sorted(keys)}"
