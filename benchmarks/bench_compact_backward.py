@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from ssl_lightning import ops
+from ssl_lightning.timing import interleaved_times
 
 LAYERS = [  # name, cout, cin, k, pad, groups, hw, row sparsity, column sparsity
     ("conv2", 256, 96, 5, 2, 2, 27, 0.129, 0.632),
@@ -61,12 +60,7 @@ def main() -> None:
             "reference": lambda a=a: ops.compact_conv2d_backward_reference(*a),
             "op": lambda a=a: torch.ops.ssl_lightning.compact_conv2d_backward(*a),
         }
-        timers = {key: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for key, f in fns.items()}
-        samples: dict[str, list[float]] = {key: [] for key in fns}
-        for _ in range(args.rounds):
-            for key, t in timers.items():
-                samples[key].append(t.timeit(3).median)
-        t = {key: statistics.median(v) for key, v in samples.items()}
+        t = interleaved_times(fns, args.rounds, block_seconds=0.1)
         print(
             f"| {name} | {1e3 * t['dense']:.2f} | {1e3 * t['reference']:.2f} | {1e3 * t['op']:.2f} | "
             f"{t['reference'] / t['op']:.2f}x | {t['dense'] / t['op']:.2f}x |",

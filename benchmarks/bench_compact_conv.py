@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.benchmark import Timer
 
 from ssl_lightning import CompactConv2d
 from ssl_lightning.ops import compact_conv2d, pack_compact_weight
+from ssl_lightning.timing import interleaved_times
 
 
 @dataclass
@@ -153,18 +153,8 @@ def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str
 
 
 def measure(fns: dict[str, Callable[[], Tensor]], rounds: int, stat: str = "median") -> dict[str, float]:
-    """Round-robin timing: each round times every candidate once (a block of about 50 ms), then the median
-    (or, with stat="min", the best) block over rounds."""
-    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
-    for f in fns.values():
-        f()  # warm up (oneDNN primitive caches, allocator)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    number = {k: max(1, int(0.05 / max(t.timeit(1).median, 1e-6))) for k, t in timers.items()}
-    for _ in range(rounds):
-        for k, t in timers.items():
-            samples[k].append(t.timeit(number[k]).median)
-    reduce = min if stat == "min" else statistics.median
-    return {k: reduce(v) for k, v in samples.items()}
+    """Round-robin timing, blocks of about 50 ms: the median (or, with stat="min", the best) block."""
+    return interleaved_times(fns, rounds, block_seconds=0.05, stat="min" if stat == "min" else "median")
 
 
 def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float]:

@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.benchmark import Timer
 
 from ssl_lightning import compact_with_info, compaction_report, sparsity_report
 from ssl_lightning.models import AlexNet, CifarConvNet, LeNet, resnet20
+from ssl_lightning.timing import interleaved_times
 
 
 def zero_structure(
@@ -82,16 +81,6 @@ def conv_stack(model: nn.Module) -> nn.Module:
     return model.features if hasattr(model, "features") else model
 
 
-def median_times(fns: dict[str, Callable[[], Tensor]], rounds: int) -> dict[str, float]:
-    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
-    number = {k: max(1, int(0.1 / max(t.timeit(1).median, 1e-6))) for k, t in timers.items()}
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, t in timers.items():
-            samples[k].append(t.timeit(number[k]).median)
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -137,7 +126,7 @@ def main() -> None:
                     torch.testing.assert_close(fast_c(x), dense_c(x), rtol=1e-4, atol=1e-4)
                     fns["dense_compiled"] = lambda m=dense_c, x=x: m(x)
                     fns["fast_compiled"] = lambda m=fast_c, x=x: m(x)
-                t = median_times(fns, args.rounds)
+                t = interleaved_times(fns, args.rounds, block_seconds=0.1)
             t.setdefault("dense_stack", t["dense"])
             t.setdefault("fast_stack", t["fast"])
             stack = t["dense_stack"] / t["fast_stack"]

@@ -10,8 +10,8 @@ It runs one of three implementations, chosen per layer:
 from __future__ import annotations
 
 import copy
-import time
 import warnings
+from functools import partial
 from typing import Literal, TypeAlias, TypeVar, cast
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ssl_lightning._ext import has_compiled_ops, has_cuda_kernels
 from ssl_lightning.ops import compact_conv2d, lowered_nonzero, pack_compact_weight
+from ssl_lightning.timing import interleaved_times
 
 __all__ = ["CompactConv2d"]
 
@@ -42,27 +43,15 @@ FASTEST_MARGIN = 0.03
 
 
 def fastest(mods: dict[K, nn.Module], x: Tensor, margin: float = FASTEST_MARGIN) -> K:
-    """The key of the module that runs ``x`` fastest: warm up, size each timing block to about 20 ms, then five
-    interleaved rounds keeping each module's best block (robust to the machine's load changing meanwhile).
+    """The key of the module that runs ``x`` fastest: five interleaved rounds of about 20 ms blocks, each
+    module's best block (robust to the machine's load changing meanwhile; see ``interleaved_times``).
     The first key is the baseline: another key wins only when it is at least ``margin`` faster than it."""
     if not mods:
         raise ValueError("fastest needs at least one module to time")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
-    best: dict[K, float] = {}
     with torch.inference_mode():
-        reps = {}
-        for name, mod in mods.items():
-            mod(x)
-            t0 = time.perf_counter()
-            mod(x)
-            reps[name] = max(1, int(2e-2 / max(time.perf_counter() - t0, 1e-7)))
-        for _ in range(5):
-            for name, mod in mods.items():
-                t0 = time.perf_counter()
-                for _ in range(reps[name]):
-                    mod(x)
-                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / reps[name])
+        best = interleaved_times({k: partial(m, x) for k, m in mods.items()}, 5, block_seconds=0.02, stat="min")
     baseline = next(iter(mods))
     winner = min(best, key=best.__getitem__)
     return winner if best[winner] <= (1.0 - margin) * best[baseline] else baseline

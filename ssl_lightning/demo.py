@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from ssl_lightning import StructuredSparsity, compact_with_info, sparsity_report
 from ssl_lightning.data import MNIST5kDataModule
 from ssl_lightning.models import ImageClassifier, LeNet
+from ssl_lightning.timing import interleaved_times
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -69,8 +71,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def _compact_and_time(net: torch.nn.Module, data: MNIST5kDataModule) -> dict[str, float]:
     """Compact the trained net (equivalence-checked) and time dense vs compacted inference side by side."""
-    from torch.utils.benchmark import Timer
-
     images = data.val_set.tensors[0]
     net.eval()
     info = compact_with_info(net, images[:64])
@@ -80,15 +80,8 @@ def _compact_and_time(net: torch.nn.Module, data: MNIST5kDataModule) -> dict[str
     with torch.inference_mode():
         for batch in (1, 64):
             x = images[:batch]
-            timers = {
-                k: Timer("m(x)", globals={"m": m, "x": x}, num_threads=torch.get_num_threads())
-                for k, m in (("dense", net), ("compact", info.model))
-            }
-            runs: dict[str, list[float]] = {k: [] for k in timers}
-            for _ in range(5):  # interleaved rounds, median
-                for k, t in timers.items():
-                    runs[k].append(t.timeit(20 if batch == 1 else 5).median)
-            dense, comp = (sorted(runs[k])[2] for k in ("dense", "compact"))
+            t = interleaved_times({"dense": partial(net, x), "compact": partial(info.model, x)}, 5)
+            dense, comp = t["dense"], t["compact"]
             out[f"speedup_b{batch}"] = dense / comp
             print(
                 f"inference batch {batch:>2}: dense {1e3 * dense:.3f} ms, compacted {1e3 * comp:.3f} ms, "

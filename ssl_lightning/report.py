@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ssl_lightning.channel_removal import capture_inputs
 from ssl_lightning.groups import weight_of
 from ssl_lightning.ops import lowered_nonzero
+from ssl_lightning.timing import interleaved_times
 
 __all__ = [
     "CompactionReport",
@@ -307,18 +308,6 @@ def _count_macs(fn: Any) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def _median_ms(fns: dict[str, Any], rounds: int) -> dict[str, float]:
-    from torch.utils.benchmark import Timer
-
-    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in fns.items()}
-    number = {k: max(1, int(0.02 / max(t.timeit(1).median, 1e-7))) for k, t in timers.items()}
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):  # interleaved: dense and compacted see the same machine state
-        for k, t in timers.items():
-            samples[k].append(t.timeit(number[k]).median * 1e3)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
-
-
 def _inputs_of(model: nn.Module, names: set[str], inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
     def run(m: nn.Module, trial: tuple[Tensor, ...]) -> object:
         with torch.no_grad():
@@ -356,7 +345,7 @@ def compaction_report(
                     fns = {"a": lambda a=a, xa=xa: a(xa)}
                     if b is not None and xb is not None:
                         fns["b"] = lambda b=b, xb=xb: b(xb)
-                    t = _median_ms(fns, rounds)
+                    t = {k: 1e3 * v for k, v in interleaved_times(fns, rounds, block_seconds=0.02).items()}
                     ms, ms_b = t["a"], t.get("b", 0.0)
                 rows.append(LayerComparison(
                     n, type(b).__name__ if b is not None else "removed",
@@ -367,9 +356,8 @@ def compaction_report(
             macs_b = _count_macs(lambda: compacted(*example_inputs))
             ms = ms_b = float("nan")
             if timing:
-                t = _median_ms(
-                    {"a": lambda: original(*example_inputs), "b": lambda: compacted(*example_inputs)}, rounds
-                )
+                whole = {"a": lambda: original(*example_inputs), "b": lambda: compacted(*example_inputs)}
+                t = {k: 1e3 * v for k, v in interleaved_times(whole, rounds, block_seconds=0.02).items()}
                 ms, ms_b = t["a"], t["b"]
     finally:
         original.train(modes[0])

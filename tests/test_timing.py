@@ -1,0 +1,62 @@
+"""``ssl_lightning.timing.interleaved_times``: the timing behind module choice, reports and benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from ssl_lightning.timing import interleaved_times
+
+
+def spin(seconds: float):  # type: ignore[no-untyped-def]
+    """A function with a known run time (busy wait, so it is not shortened by the scheduler)."""
+
+    def f() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    return f
+
+
+def test_times_are_per_call_seconds_and_keep_the_order() -> None:
+    t = interleaved_times({"slow": spin(2e-3), "fast": spin(0.5e-3)}, 3, block_seconds=0.01, stat="min")
+    assert set(t) == {"slow", "fast"}
+    assert 2e-3 <= t["slow"] < 4e-3  # a busy wait can only be lengthened by interference
+    assert 0.5e-3 <= t["fast"] < 1.5e-3
+
+
+def test_best_block_is_never_above_the_median_block() -> None:
+    f = spin(0.2e-3)
+    best = interleaved_times({"f": f}, 5, block_seconds=0.005, stat="min")["f"]
+    assert best >= 0.2e-3
+    assert best <= 1.5 * interleaved_times({"f": f}, 5, block_seconds=0.005, stat="median")["f"]
+
+
+def test_calls_run_on_the_callers_thread_count() -> None:
+    # torch.utils.benchmark.Timer runs on one thread unless told otherwise: every figure would be single-thread
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        interleaved_times({"f": lambda: seen.append(torch.get_num_threads())}, 2, block_seconds=0.001)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"fns": {}}, "at least one function"),
+        ({"rounds": 0}, "rounds must be >= 1, got 0"),
+        ({"block_seconds": 0.0}, "block_seconds must be > 0, got 0.0"),
+        ({"stat": "mean"}, "stat must be 'median' or 'min', got 'mean'"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"fns": {"f": spin(0.0)}, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        interleaved_times(**args)  # type: ignore[arg-type]
