@@ -32,6 +32,14 @@ K = TypeVar("K")
 COMPACT_MAX_KEPT_WORK = 0.8
 
 
+def _kept_work(rows: Tensor, cols: Tensor | None, groups: int) -> float:
+    """Fraction of the conv's MACs left by the kept rows (G*OG bools) x kept columns (G x CKK bools; None: all)."""
+    per_group = rows.view(groups, -1).float().mean(1)
+    if cols is not None and cols.numel():
+        per_group = per_group * cols.float().mean(1)
+    return float(per_group.mean())
+
+
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -159,19 +167,26 @@ class CompactConv2d(nn.Module):
             elif example_input is not None:
                 impl = cls._fastest(conv, rows, cols, compact_output, example_input, align)
             else:
-                g = conv.groups
-                per_group = rows.view(g, -1).float().mean(1) * (cols.float().mean(1) if cols.numel() else 1.0)
-                kept_work = float(per_group.mean())
+                kept_work = _kept_work(rows, cols, conv.groups)
                 impl = "dense" if kept_work > COMPACT_MAX_KEPT_WORK else "rows" if bool(cols.all()) else "fused"
         return cls(conv, rows, cols, impl, compact_output, align)
 
     @classmethod
     def _fastest(cls, conv: nn.Conv2d, rows: Tensor, cols: Tensor, compact_output: bool, x: Tensor, align: int) -> Impl:
+        # Full-width output: a candidate is timed only when it leaves at most COMPACT_MAX_KEPT_WORK of the
+        # MACs. Above that its best case is a few percent, which the allocator's state alone outweighs at
+        # large batch (the same F.conv2d of AlexNet conv1, batch 16, takes 19 or 33 ms depending on whether its
+        # 18 MB output page-faults), so a timed "win" there is noise. Compact output: the dense conv pays a
+        # gather of the kept channels too, so every candidate is timed.
+        g, limit = conv.groups, 1.0 if compact_output else COMPACT_MAX_KEPT_WORK
         candidates: list[Impl] = ["dense"]
-        if not bool(rows.all()):
+        if not bool(rows.all()) and _kept_work(rows, None, g) <= limit:
             candidates.append("rows")
-        if not bool(rows.all()) or not bool(cols.all()):  # the fused op skips removed rows as well
+        # the fused op skips removed rows as well as columns
+        if not (bool(rows.all()) and bool(cols.all())) and _kept_work(rows, cols, g) <= limit:
             candidates.append("fused")
+        if len(candidates) == 1:
+            return "dense"
         return fastest({c: cls(conv, rows, cols, c, compact_output, align) for c in candidates}, x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -203,7 +218,9 @@ class CompactConv2d(nn.Module):
             base = (
                 self.bias.view(1, -1, 1, 1).expand(shape).contiguous() if self.bias is not None else y.new_zeros(shape)
             )
-            return base.index_copy(1, self.rows_sel, y)
+            # in place into the bias-filled output: no third full-size tensor (at batch 16 these are MBs, and
+            # each fresh one costs page faults); autograd allows it (contiguous() does not save its output)
+            return base.index_copy_(1, self.rows_sel, y)
         conv = cast(nn.Conv2d, self._modules["conv"])
         if conv.padding_mode == "zeros":  # skip one module call and the __getattr__ lookups on the hot path
             cp = conv._parameters

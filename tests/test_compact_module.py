@@ -165,3 +165,39 @@ def test_fastest_keeps_the_baseline_unless_a_candidate_wins_by_the_margin() -> N
         fastest({"dense": base}, x, margin=1.0)
     with pytest.raises(ValueError, match="at least one module"):
         fastest({}, x)
+
+
+def test_rows_full_width_output_trains_like_the_source_conv() -> None:
+    conv = sparse_conv(6, 16, 3, padding=1, rows=0.4, cols=0.0)
+    mod = CompactConv2d.from_conv(conv, impl="rows", align=4)
+    x = torch.randn(2, 6, 9, 9)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    gy = torch.randn(2, 16, 9, 9)
+    (conv(x1) * gy).sum().backward()
+    (mod(x2) * gy).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(mod.bias.grad, conv.bias.grad)  # removed filters' bias too
+    torch.testing.assert_close(mod.weight.grad, conv.weight.grad[mod.rows_sel])
+
+
+def test_measured_choice_times_only_candidates_that_remove_enough_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_lightning.compact_conv as cc
+
+    timed: list[list[str]] = []
+
+    def record(mods, x, margin=cc.FASTEST_MARGIN):  # type: ignore[no-untyped-def]
+        timed.append(list(mods))
+        return next(iter(mods))
+
+    monkeypatch.setattr(cc, "fastest", record)
+    x = torch.randn(1, 8, 10, 10)
+    few = sparse_conv(8, 32, 3, rows=0.0, cols=0.0)
+    with torch.no_grad():
+        few.weight[:3] = 0  # 29/32 filters kept: ~91 % of the MACs remain
+    assert CompactConv2d.from_conv(few, example_input=x).impl == "dense" and timed == []
+    # compact output: the dense conv would gather the kept channels too, so the row-only conv is timed
+    CompactConv2d.from_conv(few, example_input=x, compact_output=True)
+    assert timed == [["dense", "rows", "fused"]]
+    timed.clear()
+    CompactConv2d.from_conv(sparse_conv(8, 32, 3, rows=0.5, cols=0.5), example_input=x)
+    assert timed == [["dense", "rows", "fused"]]
