@@ -23,6 +23,7 @@ from ssl_lightning.compaction import (
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.report import CompactionReport, SparsityReport, compaction_report, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
+from ssl_lightning.timing import interleaved_times, settle_allocator
 
 __all__ = [
     "GROUP_TYPES",
@@ -43,7 +44,9 @@ __all__ = [
     "compaction_plan",
     "compaction_plans",
     "compaction_report",
+    "interleaved_times",
     "restore_compaction",
+    "settle_allocator",
     "sparsity_report",
 ]
 __version__ = "0.1.0"

@@ -173,17 +173,18 @@ class CompactConv2d(nn.Module):
 
     @classmethod
     def _fastest(cls, conv: nn.Conv2d, rows: Tensor, cols: Tensor, compact_output: bool, x: Tensor, align: int) -> Impl:
-        # Full-width output: a candidate is timed only when it leaves at most COMPACT_MAX_KEPT_WORK of the
-        # MACs. Above that its best case is a few percent, which the allocator's state alone outweighs at
-        # large batch (the same F.conv2d of AlexNet conv1, batch 16, takes 19 or 33 ms depending on whether its
-        # 18 MB output page-faults), so a timed "win" there is noise. Compact output: the dense conv pays a
-        # gather of the kept channels too, so every candidate is timed.
-        g, limit = conv.groups, 1.0 if compact_output else COMPACT_MAX_KEPT_WORK
+        # The row-only conv with full-width output runs the same oneDNN/cuDNN conv on fewer filters and then
+        # copies its channels into the full output, so it cannot gain much more than the removed fraction:
+        # it is timed only when at most COMPACT_MAX_KEPT_WORK of the filters remain. Below that, a timed
+        # "win" is the allocator's state, not the conv (the same F.conv2d of AlexNet conv1 at batch 16 takes
+        # 19 or 33 ms depending on whether its 18 MB output page-faults). The fused op is always timed: it
+        # can beat the dense conv by more than the removed work where oneDNN is weak (LeNet conv1: 1 input
+        # channel). With compact output the dense conv pays a gather of the kept channels as well.
         candidates: list[Impl] = ["dense"]
-        if not bool(rows.all()) and _kept_work(rows, None, g) <= limit:
+        limit = 1.0 if compact_output else COMPACT_MAX_KEPT_WORK
+        if not bool(rows.all()) and _kept_work(rows, None, conv.groups) <= limit:
             candidates.append("rows")
-        # the fused op skips removed rows as well as columns
-        if not (bool(rows.all()) and bool(cols.all())) and _kept_work(rows, cols, g) <= limit:
+        if not (bool(rows.all()) and bool(cols.all())):  # the fused op skips removed rows as well as columns
             candidates.append("fused")
         if len(candidates) == 1:
             return "dense"
