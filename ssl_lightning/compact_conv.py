@@ -175,11 +175,11 @@ class CompactConv2d(nn.Module):
     def _fastest(cls, conv: nn.Conv2d, rows: Tensor, cols: Tensor, compact_output: bool, x: Tensor, align: int) -> Impl:
         # The row-only conv with full-width output runs the same oneDNN/cuDNN conv on fewer filters and then
         # copies its channels into the full output, so it cannot gain much more than the removed fraction:
-        # it is timed only when at most COMPACT_MAX_KEPT_WORK of the filters remain. Below that, a timed
-        # "win" is the allocator's state, not the conv (the same F.conv2d of AlexNet conv1 at batch 16 takes
-        # 19 or 33 ms depending on whether its 18 MB output page-faults). The fused op is always timed: it
-        # can beat the dense conv by more than the removed work where oneDNN is weak (LeNet conv1: 1 input
-        # channel). With compact output the dense conv pays a gather of the kept channels as well.
+        # it is timed only when at most COMPACT_MAX_KEPT_WORK of the filters remain (above that its best case
+        # is inside timing noise; AlexNet conv1 at batch 16, 90.6 % kept, once chose it and ran at 0.84x).
+        # The fused op is always timed: it can beat the dense conv by more than the removed work where
+        # oneDNN is weak (LeNet conv1, one input channel). With compact output the dense conv pays a gather
+        # of the kept channels as well, so both are timed.
         candidates: list[Impl] = ["dense"]
         limit = 1.0 if compact_output else COMPACT_MAX_KEPT_WORK
         if not bool(rows.all()) and _kept_work(rows, None, conv.groups) <= limit:
