@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // oneDNN's matmul, exported by libtorch_cpu (ATen/native/mkldnn/Matmul.h is not shipped in the wheel):
@@ -38,8 +39,8 @@ namespace {
 std::string gemm_choice() {
   const char* env = std::getenv("SSL_LIGHTNING_GEMM");
   const std::string v = env == nullptr ? "auto" : std::string(env);
-  TORCH_CHECK(v == "auto" || v == "onednn" || v == "blas",
-              "SSL_LIGHTNING_GEMM must be auto, onednn or blas, got '", v, "'");
+  TORCH_CHECK(v == "auto" || v == "gather" || v == "onednn" || v == "blas",
+              "SSL_LIGHTNING_GEMM must be auto, gather, onednn or blas, got '", v, "'");
   return v;
 }
 
@@ -148,11 +149,23 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
   if (G.n == 0) return out;
   const std::string choice = gemm_choice();  // once per call, not per tile
-  if (x.scalar_type() == at::kFloat && choice == "auto" && gather_gemm_supported() && gather_gemm_fits(G)) {
+  const bool gather_ok = gather_gemm_supported(x.scalar_type()) && gather_gemm_fits(G);
+  TORCH_CHECK(choice != "gather" || gather_ok || x.scalar_type() == at::kDouble,
+              "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (it needs an x86-64 CPU with "
+              "AVX-512F, and AVX-512BW/VL for bf16 / fp16, and a input whose offsets fit 32 bits); unset it");
+  if (gather_ok && (choice == "gather" || (choice == "auto" && gather_gemm_preferred(x.scalar_type())))) {
     // writes every output row itself (removed filters' bias included), in one parallel region
-    gather_gemm_conv2d_f32(x.const_data_ptr<float>(), weight.contiguous().const_data_ptr<float>(), ri, rp, ci, cpp,
-                           bias.has_value() ? bias->contiguous().const_data_ptr<float>() : nullptr, G,
-                           out.mutable_data_ptr<float>(), out_rows, compact_output);
+    const at::Tensor wc = weight.contiguous();
+    const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d_gather", [&] {
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        TORCH_INTERNAL_ASSERT(false, "gather_gemm_supported() is false for float64");
+      } else {
+        gather_gemm_conv2d<scalar_t>(x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), ri, rp, ci, cpp,
+                                     bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, G,
+                                     out.mutable_data_ptr<scalar_t>(), out_rows, compact_output);
+      }
+    });
     return out;
   }
   if (!compact_output) {

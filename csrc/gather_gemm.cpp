@@ -1,4 +1,5 @@
-// fp32 AVX-512 kernel of ssl_lightning::compact_conv2d (see gather_gemm.h).
+// AVX-512 kernel of ssl_lightning::compact_conv2d (see gather_gemm.h): fp32, and bf16 / fp16 storage with
+// fp32 arithmetic (converted while packing, accumulated in fp32, rounded once on the output store).
 //
 // Per image n, conv group g and panel of NR = 32 consecutive output positions p0..p0+31:
 //   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions, one masked
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -93,6 +95,24 @@ struct Panel {
   int64_t run_off[2][kMaxRuns];     // input offset that lane 0 of the half would read
 };
 
+// 16 lanes of 16-bit storage (bf16 or fp16) to fp32.
+__attribute__((target("avx512f"))) inline __m512 widen(__m256i v, c10::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+__attribute__((target("avx512f"))) inline __m512 widen(__m256i v, c10::Half*) { return _mm512_cvtph_ps(v); }
+
+// 16 fp32 lanes to 16-bit storage, rounded to nearest even as c10's conversions do (bf16 NaN -> 0x7fc0).
+__attribute__((target("avx512f"))) inline __m256i narrow(__m512 v, c10::BFloat16*) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+__attribute__((target("avx512f"))) inline __m256i narrow(__m512 v, c10::Half*) {
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
 // B panel (k x 32): dst[i][j] = x[col i at position p0 + j], zero outside the image or past the last position.
 // With runs, each run of a column is one masked unaligned load; otherwise one masked gather per half.
 __attribute__((target("avx512f"))) void pack_panel(const float* x, const int64_t* off, const int32_t* ki,
@@ -126,15 +146,64 @@ __attribute__((target("avx512f"))) void pack_panel(const float* x, const int64_t
   }
 }
 
+// The same for 16-bit storage: runs are masked 16-bit loads widened to fp32; without runs (strided width)
+// lanes are read one by one (AVX-512 has no 16-bit gather, and a 32-bit one could read past the tensor).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_panel(const T* x, const int64_t* off,
+                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
+                                                                      const Panel& pn, bool use_runs, float* dst) {
+  const uint32_t* rm = pn.row_mask.data();
+  const uint32_t* cm = pn.col_mask.data();
+  for (int64_t i = 0; i < k; ++i, dst += kNR) {
+    const uint32_t m = rm[ki[i]] & cm[kj[i]];
+    const T* base = x + off[i];
+    if (!use_runs) {
+      for (int j = 0; j < kNR; ++j) dst[j] = (m >> j) & 1u ? float(base[pn.idx[j]]) : 0.0f;
+      continue;
+    }
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t mh = (m >> (16 * h)) & 0xffffu;
+      __m256i v = _mm256_setzero_si256();
+      for (int s = 0; s < pn.runs[h]; ++s) {
+        const uint32_t ms = mh & pn.run_mask[h][s];
+        if (ms != 0) v = _mm256_mask_loadu_epi16(v, __mmask16(ms), base + pn.run_off[h][s]);
+      }
+      _mm512_storeu_ps(dst + 16 * h, widen(v, static_cast<T*>(nullptr)));
+    }
+  }
+}
+
+// n 16-bit values to fp32 (the compact weight, once per call).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_all(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)),
+                                    static_cast<T*>(nullptr)));
+  for (; i < n; ++i) dst[i] = float(src[i]);
+}
+
+// rows [0, m) of an fp32 tile (row stride kNR) rounded into out rows dst[i] at 32 positions (masked).
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float* tile, int m, T* const* dst,
+                                                                      __mmask16 m0, __mmask16 m1) {
+  for (int i = 0; i < m; ++i, tile += kNR) {
+    _mm256_mask_storeu_epi16(dst[i], m0, narrow(_mm512_loadu_ps(tile), static_cast<T*>(nullptr)));
+    if (m1 != 0) _mm256_mask_storeu_epi16(dst[i] + 16, m1, narrow(_mm512_loadu_ps(tile + 16), static_cast<T*>(nullptr)));
+  }
+}
+
 // Scratch memory reused across calls (its contents are rebuilt by every call; nothing is cached).
 struct CallTables {  // the calling thread's per-call tables
   std::vector<int64_t> off, w_off, fill, fill_ptr;
   std::vector<int32_t> kis, kjs;
   std::vector<float> bias_kept;
+  std::vector<float> a32;  // the compact weight widened to fp32 (16-bit storage only)
   std::vector<char> kept;
 };
-struct TaskScratch {  // one worker's B panel and panel description
+struct TaskScratch {  // one worker's B panel, panel description and (16-bit storage) fp32 C tile
   std::vector<float> bpanel;
+  std::vector<float> ctile;
   Panel panel;
 };
 CallTables& call_tables() {
@@ -153,6 +222,16 @@ __attribute__((target("avx512f"))) void fill_panel_rows(float* out, int64_t P, c
     const __m512 v = _mm512_set1_ps(bias != nullptr ? bias[rows[i]] : 0.0f);
     _mm512_mask_storeu_ps(out + rows[i] * P, m0, v);
     _mm512_mask_storeu_ps(out + rows[i] * P + 16, m1, v);
+  }
+}
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void fill_panel_rows(T* out, int64_t P, const int64_t* rows,
+                                                                           int64_t count, const T* bias, __mmask16 m0,
+                                                                           __mmask16 m1) {
+  for (int64_t i = 0; i < count; ++i) {
+    const __m256i v = _mm256_set1_epi16(int16_t(bias != nullptr ? bias[rows[i]].x : 0));
+    _mm256_mask_storeu_epi16(out + rows[i] * P, m0, v);
+    _mm256_mask_storeu_epi16(out + rows[i] * P + 16, m1, v);
   }
 }
 
@@ -193,9 +272,20 @@ bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn) {
 
 }  // namespace
 
-bool gather_gemm_supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
+bool gather_gemm_supported(at::ScalarType dtype) {
+  static const bool f32 = __builtin_cpu_supports("avx512f");
+  static const bool f16 = f32 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  if (dtype == at::kFloat) return f32;
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && f16;
+}
+
+bool gather_gemm_preferred(at::ScalarType dtype) {
+  // bf16 on a CPU with AVX512_BF16: the lowered tiles go to oneDNN's bf16 GEMM, whose dot-product
+  // instructions do two multiply-adds per lane; this kernel widens to fp32. Measured on Zen 4 (AlexNet row 2,
+  // 2 threads): oneDNN's path 1.2-1.6x faster on conv2 and conv5, this kernel ahead on conv3 / conv4 at batch 1.
+  // fp16 has no such GEMM here (F.conv2d in fp16 runs ~100x slower than fp32), and fp32 always wins here.
+  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
+  return dtype != at::kBFloat16 || !bf16_dot;
 }
 
 bool gather_gemm_fits(const ConvGeometry& G) {
@@ -204,9 +294,11 @@ bool gather_gemm_fits(const ConvGeometry& G) {
   return span < std::numeric_limits<int32_t>::max() / 2;
 }
 
-void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
-                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
-                            float* out, int64_t out_rows, bool compact_output) {
+template <typename T>
+void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                        const int64_t* col_idx, const int64_t* col_ptr, const T* bias, const ConvGeometry& G, T* out,
+                        int64_t out_rows, bool compact_output) {
+  constexpr bool kWide = std::is_same_v<T, float>;  // fp32 storage: C rows are the output rows themselves
   const int64_t P = G.ho * G.wo, HW = G.h * G.w, taps = G.kh * G.kw;
   const int64_t panels = (P + kNR - 1) / kNR;
   // Per-call tables live in this thread's scratch (reused across calls, rebuilt every call): allocating
@@ -232,7 +324,15 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
     tb.w_off[g + 1] = tb.w_off[g] + r * k;
   }
   tb.bias_kept.resize(bias != nullptr ? row_ptr[G.groups] : 0);  // bias of every kept filter, in row_idx order
-  for (int64_t i = 0; i < int64_t(tb.bias_kept.size()); ++i) tb.bias_kept[i] = bias[row_idx[i]];
+  for (int64_t i = 0; i < int64_t(tb.bias_kept.size()); ++i) tb.bias_kept[i] = float(bias[row_idx[i]]);
+  const float* a_all = nullptr;  // the compact weight as fp32
+  if constexpr (kWide) {
+    a_all = weight;
+  } else {
+    tb.a32.resize(tb.w_off[G.groups]);
+    widen_all(weight, tb.a32.data(), tb.w_off[G.groups]);
+    a_all = tb.a32.data();
+  }
   // Full width: the removed filters of group g (fill[fill_ptr[g] .. fill_ptr[g + 1])) output their bias.
   // Kept filters of a group whose columns were all removed get it from the k == 0 pass below.
   tb.fill.clear(), tb.fill_ptr.assign(G.groups + 1, 0);
@@ -262,6 +362,7 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
     pn.row_mask.resize(G.kh);
     pn.col_mask.resize(G.kw);
     float* crow[kMR];
+    T* orow[kMR];
     for (int64_t t = t0; t < t1; ++t) {
       // share outermost: consecutive tasks (one thread's range) cover the same rows of many panels, so
       // the threads split the filters evenly and each keeps reading the same rows of A
@@ -273,14 +374,15 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
       const int64_t p0 = pb * kNR, np = std::min<int64_t>(kNR, P - p0);
       const uint32_t all = np == kNR ? 0xffffffffu : (1u << np) - 1u;
       const __mmask16 m0 = __mmask16(all), m1 = __mmask16(all >> 16);
-      float* out_n = out + n * out_rows * P + p0;
+      T* out_n = out + n * out_rows * P + p0;
       if (share == 0)  // this panel's slice of the removed filters' rows, next to the kernel's own writes
         fill_panel_rows(out_n, P, fill + fill_ptr[g], fill_ptr[g + 1] - fill_ptr[g], bias, m0, m1);
       if (rb0 == rb1) continue;
       const bool runs = describe_panel(G, p0, np, pn);
       const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
       const int64_t c0 = col_ptr[g];
-      const float* a_g = weight + w_off[g];
+      const float* a_g = a_all + w_off[g];
+      if constexpr (!kWide) ts.ctile.resize((rb1 - rb0) * kMR * kNR);
       // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
       // for every row block (equal: no short last chunk that pays a full C load / store for a few columns)
       const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
@@ -291,11 +393,25 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
           const int m = int(std::min<int64_t>(kMR, r - r0));
           for (int i = 0; i < m; ++i) {
-            const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
-            crow[i] = out_n + row * P;
+            if constexpr (kWide) {
+              const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
+              crow[i] = out_n + row * P;
+            } else {  // an fp32 tile row, rounded into the output once every chunk is in
+              crow[i] = ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR;
+            }
           }
           kernels[m](a_g + r0 * k + kc0, k, ts.bpanel.data(), kc, crow,
                      bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
+        }
+      }
+      if constexpr (!kWide) {
+        for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+          const int m = int(std::min<int64_t>(kMR, r - r0));
+          for (int i = 0; i < m; ++i) {
+            const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
+            orow[i] = out_n + row * P;
+          }
+          store_rows(ts.ctile.data() + (r0 - rb0 * kMR) * kNR, m, orow, m0, m1);
         }
       }
     }
@@ -304,13 +420,24 @@ void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* 
 
 #else  // not x86-64 GCC/Clang: the BLAS path of compact_conv.cpp runs instead
 
-bool gather_gemm_supported() { return false; }
+bool gather_gemm_supported(at::ScalarType) { return false; }
+bool gather_gemm_preferred(at::ScalarType) { return false; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
-void gather_gemm_conv2d_f32(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
-                            const int64_t*, const float*, const ConvGeometry&, float*, int64_t, bool) {
+template <typename T>
+void gather_gemm_conv2d(const T*, const T*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const T*,
+                        const ConvGeometry&, T*, int64_t, bool) {
   TORCH_CHECK(false, "compact_conv2d: the AVX-512 kernel is not part of this build");
 }
 
 #endif
+
+template void gather_gemm_conv2d<float>(const float*, const float*, const int64_t*, const int64_t*, const int64_t*,
+                                        const int64_t*, const float*, const ConvGeometry&, float*, int64_t, bool);
+template void gather_gemm_conv2d<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, const int64_t*,
+                                                const int64_t*, const int64_t*, const int64_t*, const c10::BFloat16*,
+                                                const ConvGeometry&, c10::BFloat16*, int64_t, bool);
+template void gather_gemm_conv2d<c10::Half>(const c10::Half*, const c10::Half*, const int64_t*, const int64_t*,
+                                            const int64_t*, const int64_t*, const c10::Half*, const ConvGeometry&,
+                                            c10::Half*, int64_t, bool);
 
 }  // namespace ssl_lightning

@@ -1,4 +1,4 @@
-// The fp32 x86-64 AVX-512 path of ssl_lightning::compact_conv2d: the kept columns of the im2col matrix are
+// The x86-64 AVX-512 path of ssl_lightning::compact_conv2d (fp32; bf16 / fp16 storage): the kept columns of the im2col matrix are
 // gathered from the input straight into the GEMM's packed B panels (32 output positions x k kept columns),
 // and a 12 x 32 register-blocked micro-kernel multiplies them with the kept rows (read in place), writing each
 // output row at its final channel (full-width or compact layout). No lowered matrix exists beyond one
@@ -11,19 +11,26 @@
 
 namespace ssl_lightning {
 
-// True when this build has the kernel (x86-64, GCC/Clang) and the CPU has AVX-512F.
-bool gather_gemm_supported();
+// True when this build has the kernel (x86-64, GCC/Clang) and the CPU runs it for dtype: fp32 needs
+// AVX-512F; bf16 / fp16 storage (fp32 arithmetic) also AVX-512BW/VL.
+bool gather_gemm_supported(at::ScalarType dtype);
+
+// True when SSL_LIGHTNING_GEMM=auto should take this kernel for dtype (given it is supported): always but
+// for bf16 on CPUs whose oneDNN bf16 GEMM has AVX512_BF16 dot products.
+bool gather_gemm_preferred(at::ScalarType dtype);
 
 // True when the geometry fits the kernel's 32-bit gather offsets.
 bool gather_gemm_fits(const ConvGeometry& G);
 
-// out: N x out_rows x Ho x Wo (contiguous, float), written whole: with full-width output (out_rows ==
+// T: float, c10::BFloat16 or c10::Half (fp32 accumulation, one rounding per output value).
+// out: N x out_rows x Ho x Wo (contiguous), written whole: with full-width output (out_rows ==
 // out_channels) the rows of removed filters get their bias (or 0), filled inside the same tasks (one
 // parallel region per call, each task filling its own panel). x contiguous.
-// weight: the op's compact weight (contiguous float, per group kept rows x kept columns, read in place);
-// bias: out_channels entries or nullptr.
-void gather_gemm_conv2d_f32(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
-                            const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
-                            float* out, int64_t out_rows, bool compact_output);
+// weight: the op's compact weight (contiguous, per group kept rows x kept columns; read in place for fp32,
+// widened to fp32 once per call otherwise); bias: out_channels entries or nullptr.
+template <typename T>
+void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                        const int64_t* col_idx, const int64_t* col_ptr, const T* bias, const ConvGeometry& G, T* out,
+                        int64_t out_rows, bool compact_output);
 
 }  // namespace ssl_lightning

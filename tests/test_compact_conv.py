@@ -334,7 +334,10 @@ def test_unknown_gemm_choice_is_a_clear_error() -> None:
     x = torch.randn(1, 2, 5, 5)
     ri, rp, ci, cp = layout(2, 2, 3, 3, 1, 1.0, 0.5, 0)
     wc = ops.pack_compact_weight(torch.randn(2, 2, 3, 3), ri, rp, ci, cp)
-    with _gemm_env("fastest"), pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, onednn or blas"):
+    with (
+        _gemm_env("fastest"),
+        pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, gather, onednn or blas"),
+    ):
         ops.compact_conv2d(x, wc, ri, rp, ci, cp, None, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)
 
 
@@ -378,3 +381,74 @@ def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, c
     got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 2, 26, compact_output)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() / expected.abs().max() <= 1e-5
+
+
+def _gather_kernel_runs_16_bit() -> bool:
+    """Whether this build and CPU run bf16 / fp16 through the AVX-512 kernel (SSL_LIGHTNING_GEMM=gather)."""
+    if not has_compiled_ops():
+        return False
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16)
+    ri, rp, ci, cp = layout(1, 1, 1, 1, 1, 1.0, 1.0, 0)
+    try:
+        with _gemm_env("gather"):
+            ops.compact_conv2d(x, torch.ones(1, dtype=torch.bfloat16), ri, rp, ci, cp, None, (1, 1), (1, 1), (0, 0),
+                               (1, 1), 1, 1)  # fmt: skip
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _gather_kernel_runs_16_bit(), reason="needs the AVX-512 kernel with BW/VL (x86-64)")
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    n=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    cg=st.integers(1, 4),
+    og=st.sampled_from([1, 13, 27]),
+    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3)]),
+    stride=st.sampled_from([(1, 1), (2, 2), (3, 1)]),  # (2, 2) and (3, 1): lanes read one by one
+    padding=st.sampled_from([(0, 0), (1, 1)]),
+    dilation=st.sampled_from([(1, 1), (2, 1)]),
+    keep_rows=st.sampled_from([0.0, 0.4, 1.0]),
+    keep_cols=st.sampled_from([0.0, 0.3, 1.0]),
+    compact_output=st.booleans(),
+    with_bias=st.booleans(),
+    channels_last=st.booleans(),
+    size=st.sampled_from([(11, 10), (4, 37), (2, 70)]),
+    seed=st.integers(0, 1000),
+)
+def test_16_bit_storage_rounds_the_fp32_result_once(
+    dtype, n, groups, cg, og, kernel, stride, padding, dilation, keep_rows, keep_cols, compact_output, with_bias,
+    channels_last, size, seed,
+) -> None:  # fmt: skip
+    """bf16 / fp16 in and out, fp32 inside: the result is the fp32 conv of the same 16-bit values, rounded."""
+    gen = torch.Generator().manual_seed(seed)
+    c, o = cg * groups, og * groups
+    h, w = size
+    h = max(h, dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0])
+    x = torch.randn(n, c, h, w, generator=gen).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dense = torch.randn(o, cg, *kernel, generator=gen).to(dtype)
+    bias = torch.randn(o, generator=gen).to(dtype) if with_bias else None
+    ri, rp, ci, cp = layout(o, cg, *kernel, groups, keep_rows, keep_cols, seed)
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, o, cg, kernel).float()
+    expected = F.conv2d(
+        x.float(), masked, bias.float() if bias is not None else None, stride, padding, dilation, groups
+    )
+    if compact_output:
+        expected = expected[:, ri]
+    with _gemm_env("gather"):  # for bf16, "auto" prefers oneDNN's bf16 GEMM on CPUs with AVX512_BF16
+        got = ops.compact_conv2d(
+            x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output
+        )
+    assert got.dtype == dtype and got.shape == expected.shape
+    if expected.numel():
+        u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # unit roundoff bound of the storage format
+        err = (got.float() - expected).abs()
+        assert bool((err <= 2 * u * expected.abs() + 1e-5 * expected.abs().max().clamp(min=1.0)).all())
+        # rounded to nearest (even): equal to the rounded fp32 result except where the summation order
+        # moves a value across a rounding boundary (~1e-4 of values); truncation would miss half of them
+        assert int((got != expected.to(dtype)).sum()) <= max(1, expected.numel() // 100)
