@@ -101,9 +101,12 @@ def build(layer: Layer, gen: torch.Generator) -> tuple[nn.Conv2d, Tensor, Tensor
     return conv, torch.cat(rows), torch.tensor(rp), torch.cat(cols), torch.tensor(cp)
 
 
-def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str, Callable[[], Tensor]], float, str]:
+def candidates(
+    layer: Layer, batch: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, Callable[[], Tensor]], float, str]:
     conv, ri, rp, ci, cp = build(layer, gen)
-    x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=gen)
+    conv = conv.to(dtype)
+    x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=gen).to(dtype)
     w, b = conv.weight.detach(), conv.bias.detach()
     st, pd, g = layer.stride, layer.pad, layer.groups
     packed = pack_compact_weight(w, ri, rp, ci, cp)
@@ -133,7 +136,7 @@ def candidates(layer: Layer, batch: int, gen: torch.Generator) -> tuple[dict[str
         packed_blocks.append(packed[off : off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
         off += (r1 - r0) * (c1 - c0)
     fns["unfold"] = unfold_select
-    if layer.l1 is not None:
+    if layer.l1 is not None and dtype == torch.float32:  # sparse.mm is fp32 / fp64 only here
         gen_l1 = torch.Generator().manual_seed(1)
         dense_w = torch.randn(layer.cout, cg * layer.k**2, generator=gen_l1)
         dense_w[torch.rand(dense_w.shape, generator=gen_l1) < layer.l1] = 0
@@ -191,25 +194,31 @@ def _main() -> None:
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--suite", default="", help="only suites whose title contains this text")
     p.add_argument("--no-paper-protocol", action="store_true", help="skip the GEMM-only table")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+        help="storage dtype of input, weights and output for every column (the paper protocol stays fp32)",
+    )  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lines = [
         f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer; {args.stat} of "
-        f"{args.rounds} rounds"
+        f"{args.rounds} rounds; {args.dtype}"
     ]
+    dtype = getattr(torch, args.dtype)
     cols = ["rows", "unfold", "csr", "fused", "module", "ideal"]
     for batch in args.batch:
         for suite, layers in suites().items():
             if args.suite not in suite:
                 continue
             gen = torch.Generator().manual_seed(0)
-            lines += ["", f"### {suite}, batch {batch}", ""]
+            suffix = "" if dtype == torch.float32 else f", {args.dtype}"
+            lines += ["", f"### {suite}, batch {batch}{suffix}", ""]
             lines.append("| layer | dense ms | " + " | ".join(cols) + " | fused % of ideal | module impl |")
             lines.append("|---" * (len(cols) + 4) + "|")
             speed = []
             for layer in layers:
-                fns, ideal, mod_impl = candidates(layer, batch, gen)
+                fns, ideal, mod_impl = candidates(layer, batch, gen, dtype)
                 t = measure(fns, args.rounds, args.stat)
                 sp = {k: t["dense"] / v for k, v in t.items()}
                 sp["ideal"] = ideal

@@ -279,13 +279,16 @@ bool gather_gemm_supported(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && f16;
 }
 
-bool gather_gemm_preferred(at::ScalarType dtype) {
-  // bf16 on a CPU with AVX512_BF16: the lowered tiles go to oneDNN's bf16 GEMM, whose dot-product
-  // instructions do two multiply-adds per lane; this kernel widens to fp32. Measured on Zen 4 (AlexNet row 2,
-  // 2 threads): oneDNN's path 1.2-1.6x faster on conv2 and conv5, this kernel ahead on conv3 / conv4 at batch 1.
-  // fp16 has no such GEMM here (F.conv2d in fp16 runs ~100x slower than fp32), and fp32 always wins here.
+bool gather_gemm_preferred(at::ScalarType dtype, double item_flops) {
+  // bf16 on a CPU with AVX512_BF16: oneDNN's bf16 GEMM does two multiply-adds per lane with dot-product
+  // instructions, this kernel widens to fp32, so the lowered path (one GEMM per image and group) wins when
+  // those GEMMs are large; on small ones oneDNN's per-call setup dominates. Measured on Zen 4 (2 threads,
+  // whole layer vs bf16 F.conv2d), this kernel vs the lowered path: CIFAR ConvNet row 2 (GEMMs <= 4 MFLOP)
+  // 1.2-1.9x vs 0.5-0.95x; AlexNet row 2 conv4 (9 MFLOP) 3.6-4.4x vs 3.5-3.8x, conv5 (14) 1.9-2.5x vs
+  // 2.3-2.9x, conv3 (41) 2.0-2.6x vs 1.8-3.4x, conv2 (72) 1.2-1.3x vs 1.9-2.0x. fp16 has no such GEMM here
+  // (F.conv2d in fp16 runs ~100x slower than in fp32) and fp32 always wins with this kernel.
   static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  return dtype != at::kBFloat16 || !bf16_dot;
+  return dtype != at::kBFloat16 || !bf16_dot || item_flops < 32e6;
 }
 
 bool gather_gemm_fits(const ConvGeometry& G) {
@@ -421,7 +424,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
 #else  // not x86-64 GCC/Clang: the BLAS path of compact_conv.cpp runs instead
 
 bool gather_gemm_supported(at::ScalarType) { return false; }
-bool gather_gemm_preferred(at::ScalarType) { return false; }
+bool gather_gemm_preferred(at::ScalarType, double) { return false; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
 template <typename T>
 void gather_gemm_conv2d(const T*, const T*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const T*,

@@ -15,9 +15,10 @@ namespace ssl_lightning {
 // AVX-512F; bf16 / fp16 storage (fp32 arithmetic) also AVX-512BW/VL.
 bool gather_gemm_supported(at::ScalarType dtype);
 
-// True when SSL_LIGHTNING_GEMM=auto should take this kernel for dtype (given it is supported): always but
-// for bf16 on CPUs whose oneDNN bf16 GEMM has AVX512_BF16 dot products.
-bool gather_gemm_preferred(at::ScalarType dtype);
+// True when SSL_LIGHTNING_GEMM=auto should take this kernel (given it is supported) for dtype, the lowered
+// path's largest per-(image, group) GEMM being item_flops: always but for bf16 GEMMs of >= 32 MFLOP on CPUs
+// whose oneDNN bf16 GEMM has AVX512_BF16 dot products.
+bool gather_gemm_preferred(at::ScalarType dtype, double item_flops);
 
 // True when the geometry fits the kernel's 32-bit gather offsets.
 bool gather_gemm_fits(const ConvGeometry& G);
