@@ -153,10 +153,7 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(choice != "gather" || gather_ok || x.scalar_type() == at::kDouble,
               "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (it needs an x86-64 CPU with "
               "AVX-512F, and AVX-512BW/VL for bf16 / fp16, and a input whose offsets fit 32 bits); unset it");
-  double item_flops = 0.0;  // the largest (image, group) GEMM of the lowered path
-  for (int64_t g = 0; g < groups; ++g)
-    item_flops = std::max(item_flops, 2.0 * double(rp[g + 1] - rp[g]) * double(cpp[g + 1] - cpp[g]) * double(P));
-  if (gather_ok && (choice == "gather" || (choice == "auto" && gather_gemm_preferred(x.scalar_type(), item_flops)))) {
+  if (gather_ok && (choice == "gather" || choice == "auto")) {
     // writes every output row itself (removed filters' bias included), in one parallel region
     const at::Tensor wc = weight.contiguous();
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -1,5 +1,8 @@
 // AVX-512 kernel of ssl_lightning::compact_conv2d (see gather_gemm.h): fp32, and bf16 / fp16 storage with
-// fp32 arithmetic (converted while packing, accumulated in fp32, rounded once on the output store).
+// fp32 accumulation (rounded once on the output store). fp16, and bf16 without AVX512_BF16, are widened to
+// fp32 while packing; bf16 with AVX512_BF16 stays bf16 and multiplies k pairs with vdpbf16ps (two
+// multiply-adds per lane per instruction), measured 1.03-1.8x faster than oneDNN's bf16 GEMM on lowered
+// tiles on AlexNet conv2-5 (Zen 4, 2 threads, batch 1 and 16).
 //
 // Per image n, conv group g and panel of NR = 32 consecutive output positions p0..p0+31:
 //   1. pack B (k x 32): row i is kept column i = (c, kh, kw) read at the 32 positions, one masked
@@ -14,6 +17,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -82,6 +87,67 @@ constexpr MicroKernel kKernels[kMR + 1] = {
     nullptr,                micro_kernel<1, NV>, micro_kernel<2, NV>,  micro_kernel<3, NV>,  micro_kernel<4, NV>,
     micro_kernel<5, NV>,    micro_kernel<6, NV>, micro_kernel<7, NV>,  micro_kernel<8, NV>,  micro_kernel<9, NV>,
     micro_kernel<10, NV>,   micro_kernel<11, NV>, micro_kernel<12, NV>};
+
+// bf16 with AVX512_BF16: the same tile over k pairs. b holds per pair q, at each of 32 lanes, the 32-bit pair
+// (B[2q][j] low, B[2q+1][j] high); a (M x 2 * kp bf16, row stride lda2 pairs) is broadcast a pair at a time,
+// and one vdpbf16ps does both multiply-adds of a lane into its fp32 accumulator.
+template <int M, int NV>
+__attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(const uint32_t* __restrict a, int64_t lda2,
+                                                                     const uint32_t* __restrict b, int64_t kp,
+                                                                     float* const* c, const float* bias,
+                                                                     bool accumulate, __mmask16 m0, __mmask16 m1) {
+  __m512 acc[NV][M];
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    if (accumulate) {
+      acc[0][i] = _mm512_maskz_loadu_ps(m0, c[i]);
+      if constexpr (NV == 2) acc[NV - 1][i] = _mm512_maskz_loadu_ps(m1, c[i] + 16);
+      continue;
+    }
+    const __m512 init = bias != nullptr ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[v][i] = init;
+  }
+  for (int64_t q = 0; q < kp; ++q, ++a, b += kNR) {
+    __m512bh bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + 16 * v);
+#pragma GCC unroll 12
+    for (int i = 0; i < M; ++i) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(a[i * lda2]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_dpbf16_ps(acc[v][i], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    _mm512_mask_storeu_ps(c[i], m0, acc[0][i]);
+    if constexpr (NV == 2) _mm512_mask_storeu_ps(c[i] + 16, m1, acc[NV - 1][i]);
+  }
+}
+
+using MicroKernelBf16 = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float* const*, const float*,
+                                 bool, __mmask16, __mmask16);
+template <int NV>
+constexpr MicroKernelBf16 kKernelsBf16[kMR + 1] = {
+    nullptr,
+    micro_kernel_bf16<1, NV>,
+    micro_kernel_bf16<2, NV>,
+    micro_kernel_bf16<3, NV>,
+    micro_kernel_bf16<4, NV>,
+    micro_kernel_bf16<5, NV>,
+    micro_kernel_bf16<6, NV>,
+    micro_kernel_bf16<7, NV>,
+    micro_kernel_bf16<8, NV>,
+    micro_kernel_bf16<9, NV>,
+    micro_kernel_bf16<10, NV>,
+    micro_kernel_bf16<11, NV>,
+    micro_kernel_bf16<12, NV>};
+
+bool cpu_has_bf16_dot() {
+  static const bool ok = __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
 
 // The 32 positions of one panel, as seen by the packing: per lane the input offset (ih * W + iw) of the
 // tap origin, per kernel row / column the lanes whose tap row / column is inside the image, and (stride-1
@@ -173,6 +239,43 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_panel(const T* x,
   }
 }
 
+// 16 lanes (half h of the panel) of one kept column as raw bf16 bits; m: the column's in-bounds lanes.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(const c10::BFloat16* base,
+                                                                                 uint32_t m, int h, const Panel& pn,
+                                                                                 bool use_runs) {
+  const uint32_t mh = (m >> (16 * h)) & 0xffffu;
+  if (!use_runs) {
+    alignas(32) uint16_t lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = (mh >> l) & 1u ? base[pn.idx[16 * h + l]].x : uint16_t(0);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+  }
+  __m256i v = _mm256_setzero_si256();
+  for (int s = 0; s < pn.runs[h]; ++s) {
+    const uint32_t ms = mh & pn.run_mask[h][s];
+    if (ms != 0) v = _mm256_mask_loadu_epi16(v, __mmask16(ms), base + pn.run_off[h][s]);
+  }
+  return v;
+}
+
+// bf16 B panel of k-pairs (see micro_kernel_bf16): per pair, per lane (column 2q | column 2q + 1 << 16),
+// the second column zero past k. Columns are read as in pack_panel.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_pairs(const c10::BFloat16* x, const int64_t* off,
+                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
+                                                                      const Panel& pn, bool use_runs, uint32_t* dst) {
+  const uint32_t* rm = pn.row_mask.data();
+  const uint32_t* cm = pn.col_mask.data();
+  for (int64_t i = 0; i < k; i += 2, dst += kNR) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i lo = _mm512_cvtepu16_epi32(column_half(x + off[i], rm[ki[i]] & cm[kj[i]], h, pn, use_runs));
+      __m512i hi = _mm512_setzero_si512();
+      if (i + 1 < k)
+        hi = _mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(column_half(x + off[i + 1], rm[ki[i + 1]] & cm[kj[i + 1]], h, pn, use_runs)), 16);
+      _mm512_storeu_si512(dst + 16 * h, _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
 // n 16-bit values to fp32 (the compact weight, once per call).
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void widen_all(const T* src, float* dst, int64_t n) {
@@ -199,6 +302,8 @@ struct CallTables {  // the calling thread's per-call tables
   std::vector<int32_t> kis, kjs;
   std::vector<float> bias_kept;
   std::vector<float> a32;  // the compact weight widened to fp32 (16-bit storage only)
+  std::vector<uint16_t> a16;  // bf16 dot path: the compact weight, each row padded to an even length
+  std::vector<int64_t> w_off16;
   std::vector<char> kept;
 };
 struct TaskScratch {  // one worker's B panel, panel description and (16-bit storage) fp32 C tile
@@ -279,18 +384,6 @@ bool gather_gemm_supported(at::ScalarType dtype) {
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && f16;
 }
 
-bool gather_gemm_preferred(at::ScalarType dtype, double item_flops) {
-  // bf16 on a CPU with AVX512_BF16: oneDNN's bf16 GEMM does two multiply-adds per lane with dot-product
-  // instructions, this kernel widens to fp32, so the lowered path (one GEMM per image and group) wins when
-  // those GEMMs are large; on small ones oneDNN's per-call setup dominates. Measured on Zen 4 (2 threads,
-  // whole layer vs bf16 F.conv2d), this kernel vs the lowered path: CIFAR ConvNet row 2 (GEMMs <= 4 MFLOP)
-  // 1.2-1.9x vs 0.5-0.95x; AlexNet row 2 conv4 (9 MFLOP) 3.6-4.4x vs 3.5-3.8x, conv5 (14) 1.9-2.5x vs
-  // 2.3-2.9x, conv3 (41) 2.0-2.6x vs 1.8-3.4x, conv2 (72) 1.2-1.3x vs 1.9-2.0x. fp16 has no such GEMM here
-  // (F.conv2d in fp16 runs ~100x slower than in fp32) and fp32 always wins with this kernel.
-  static const bool bf16_dot = __builtin_cpu_supports("avx512bf16");
-  return dtype != at::kBFloat16 || !bf16_dot || item_flops < 32e6;
-}
-
 bool gather_gemm_fits(const ConvGeometry& G) {
   // gather offsets are (ih * W + iw) relative to a tap's origin, in int32
   const int64_t span = (G.ho * G.sh + G.ph + G.kh * G.dh) * G.w + G.wo * G.sw + G.pw + G.kw * G.dw;
@@ -329,8 +422,25 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
   tb.bias_kept.resize(bias != nullptr ? row_ptr[G.groups] : 0);  // bias of every kept filter, in row_idx order
   for (int64_t i = 0; i < int64_t(tb.bias_kept.size()); ++i) tb.bias_kept[i] = float(bias[row_idx[i]]);
   const float* a_all = nullptr;  // the compact weight as fp32
+  // bf16 on a CPU with AVX512_BF16: multiply bf16 pairs directly (A rows padded to even k, B packed in pairs)
+  // (SSL_LIGHTNING_BF16_DOT=0 widens bf16 to fp32 instead, as on CPUs without it: for tests and comparisons)
+  const char* dot_env = std::getenv("SSL_LIGHTNING_BF16_DOT");
+  const bool dot = std::is_same_v<T, c10::BFloat16> && cpu_has_bf16_dot() &&
+                   !(dot_env != nullptr && std::string_view(dot_env) == "0");
   if constexpr (kWide) {
     a_all = weight;
+  } else if (dot) {
+    tb.w_off16.assign(G.groups + 1, 0);
+    for (int64_t g = 0; g < G.groups; ++g) {
+      const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
+      tb.w_off16[g + 1] = tb.w_off16[g] + r * (k + (k & 1));
+    }
+    tb.a16.assign(tb.w_off16[G.groups], 0);
+    for (int64_t g = 0; g < G.groups; ++g) {
+      const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g], kpad = k + (k & 1);
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(weight) + tb.w_off[g];
+      for (int64_t i = 0; i < r; ++i) std::copy_n(src + i * k, k, tb.a16.data() + tb.w_off16[g] + i * kpad);
+    }
   } else {
     tb.a32.resize(tb.w_off[G.groups]);
     widen_all(weight, tb.a32.data(), tb.w_off[G.groups]);
@@ -384,13 +494,36 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       const bool runs = describe_panel(G, p0, np, pn);
       const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
       const int64_t c0 = col_ptr[g];
-      const float* a_g = a_all + w_off[g];
+      const float* a_g = a_all != nullptr ? a_all + w_off[g] : nullptr;
       if constexpr (!kWide) ts.ctile.resize((rb1 - rb0) * kMR * kNR);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (dot) {
+          const MicroKernelBf16* kb = np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>;
+          const int64_t kpad = k + (k & 1);
+          const uint32_t* a2 = reinterpret_cast<const uint32_t*>(tb.a16.data() + tb.w_off16[g]);
+          // even chunks of at most kKC columns (kKC / 2 pairs of 32 lanes: the same bytes as an fp32 chunk)
+          const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
+          int64_t chunk = std::max<int64_t>(2, (kpad + chunks - 1) / chunks);
+          chunk += chunk & 1;
+          uint32_t* bp = reinterpret_cast<uint32_t*>(ts.bpanel.data());
+          for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
+            const int64_t kc = std::max<int64_t>(0, std::min(chunk, k - kc0));
+            pack_pairs(x + n * G.c * HW, off + c0 + kc0, kis + c0 + kc0, kjs + c0 + kc0, kc, pn, runs, bp);
+            for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+              const int m = int(std::min<int64_t>(kMR, r - r0));
+              for (int i = 0; i < m; ++i) crow[i] = ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR;
+              kb[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2, bp, (kc + 1) / 2, crow,
+                    bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
+            }
+          }
+        }
+      }
+
       // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
       // for every row block (equal: no short last chunk that pays a full C load / store for a few columns)
       const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
       const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);  // k == 0: one pass writes the bias
-      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
+      for (int64_t kc0 = 0; !dot && kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {  // fp32 arithmetic
         const int64_t kc = std::min(chunk, k - kc0);
         pack_panel(x + n * G.c * HW, off + c0 + kc0, kis + c0 + kc0, kjs + c0 + kc0, kc, pn, runs, ts.bpanel.data());
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
@@ -424,7 +557,6 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
 #else  // not x86-64 GCC/Clang: the BLAS path of compact_conv.cpp runs instead
 
 bool gather_gemm_supported(at::ScalarType) { return false; }
-bool gather_gemm_preferred(at::ScalarType, double) { return false; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
 template <typename T>
 void gather_gemm_conv2d(const T*, const T*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const T*,

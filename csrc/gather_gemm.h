@@ -15,15 +15,11 @@ namespace ssl_lightning {
 // AVX-512F; bf16 / fp16 storage (fp32 arithmetic) also AVX-512BW/VL.
 bool gather_gemm_supported(at::ScalarType dtype);
 
-// True when SSL_LIGHTNING_GEMM=auto should take this kernel (given it is supported) for dtype, the lowered
-// path's largest per-(image, group) GEMM being item_flops: always but for bf16 GEMMs of >= 32 MFLOP on CPUs
-// whose oneDNN bf16 GEMM has AVX512_BF16 dot products.
-bool gather_gemm_preferred(at::ScalarType dtype, double item_flops);
-
 // True when the geometry fits the kernel's 32-bit gather offsets.
 bool gather_gemm_fits(const ConvGeometry& G);
 
-// T: float, c10::BFloat16 or c10::Half (fp32 accumulation, one rounding per output value).
+// T: float, c10::BFloat16 or c10::Half (fp32 accumulation, one rounding per output value; bf16 products by
+// vdpbf16ps where the CPU has AVX512_BF16).
 // out: N x out_rows x Ho x Wo (contiguous), written whole: with full-width output (out_rows ==
 // out_channels) the rows of removed filters get their bias (or 0), filled inside the same tasks (one
 // parallel region per call, each task filling its own panel). x contiguous.

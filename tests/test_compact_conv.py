@@ -56,17 +56,21 @@ def opcheck_samples() -> list[tuple]:
 
 
 @contextlib.contextmanager
-def _gemm_env(choice: str) -> Iterator[None]:
-    """SSL_LIGHTNING_GEMM (read by the CPU kernel at every call) set for one block."""
-    old = os.environ.get("SSL_LIGHTNING_GEMM")
-    os.environ["SSL_LIGHTNING_GEMM"] = choice
+def _env(name: str, value: str) -> Iterator[None]:
+    """An environment variable (the CPU kernel reads its SSL_LIGHTNING_* ones at every call) set for one block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["SSL_LIGHTNING_GEMM"]
+            del os.environ[name]
         else:
-            os.environ["SSL_LIGHTNING_GEMM"] = old
+            os.environ[name] = old
+
+
+def _gemm_env(choice: str) -> contextlib.AbstractContextManager[None]:
+    return _env("SSL_LIGHTNING_GEMM", choice)
 
 
 @settings(max_examples=80, deadline=None)
@@ -402,6 +406,7 @@ def _gather_kernel_runs_16_bit() -> bool:
 @settings(max_examples=60, deadline=None)
 @given(
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    bf16_dot=st.booleans(),
     n=st.integers(1, 2),
     groups=st.sampled_from([1, 2]),
     cg=st.integers(1, 4),
@@ -419,8 +424,8 @@ def _gather_kernel_runs_16_bit() -> bool:
     seed=st.integers(0, 1000),
 )
 def test_16_bit_storage_rounds_the_fp32_result_once(
-    dtype, n, groups, cg, og, kernel, stride, padding, dilation, keep_rows, keep_cols, compact_output, with_bias,
-    channels_last, size, seed,
+    dtype, bf16_dot, n, groups, cg, og, kernel, stride, padding, dilation, keep_rows, keep_cols, compact_output,
+    with_bias, channels_last, size, seed,
 ) -> None:  # fmt: skip
     """bf16 / fp16 in and out, fp32 inside: the result is the fp32 conv of the same 16-bit values, rounded."""
     gen = torch.Generator().manual_seed(seed)
@@ -440,7 +445,8 @@ def test_16_bit_storage_rounds_the_fp32_result_once(
     )
     if compact_output:
         expected = expected[:, ri]
-    with _gemm_env("gather"):  # for bf16, "auto" prefers oneDNN's bf16 GEMM on CPUs with AVX512_BF16
+    # the AVX-512 kernel (or an error, never a silent fallback); bf16 by dot products or widened to fp32
+    with _gemm_env("gather"), _env("SSL_LIGHTNING_BF16_DOT", "1" if bf16_dot else "0"):
         got = ops.compact_conv2d(
             x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output
         )
