@@ -42,15 +42,11 @@ constexpr int kNR = 32;  // output positions per micro-tile (two zmm)
 // batch 16 ran 5-16 % faster on AlexNet conv1-5 with 640 than with 160.
 constexpr int64_t kKC = 640;
 
-// C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = (accumulate ? C : bias) +
-// a (M x k, row stride lda: the weight as the op receives it, no repacking) @ b (k x kNR panel; NV = 1 uses
-// only its first 16 lanes, for a last panel of <= 16 positions). Each k step broadcasts one weight per row
-// (12 streams that stay in L1 across a chunk) into 2 x M FMAs.
+// The C tile's accumulators: loaded from C (accumulate) or set to the bias (or 0); stored back masked.
 template <int M, int NV>
-__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, int64_t lda, const float* __restrict b,
-                                                     int64_t k, float* const* c, const float* bias, bool accumulate,
-                                                     __mmask16 m0, __mmask16 m1) {
-  __m512 acc[NV][M];
+__attribute__((target("avx512f"), always_inline)) inline void load_tile(__m512 (&acc)[NV][M], float* const* c,
+                                                                         const float* bias, bool accumulate,
+                                                                         __mmask16 m0, __mmask16 m1) {
 #pragma GCC unroll 12
   for (int i = 0; i < M; ++i) {
     if (accumulate) {
@@ -62,6 +58,27 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, 
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[v][i] = init;
   }
+}
+template <int M, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile(const __m512 (&acc)[NV][M], float* const* c,
+                                                                          __mmask16 m0, __mmask16 m1) {
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    _mm512_mask_storeu_ps(c[i], m0, acc[0][i]);
+    if constexpr (NV == 2) _mm512_mask_storeu_ps(c[i] + 16, m1, acc[NV - 1][i]);
+  }
+}
+
+// C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = (accumulate ? C : bias) +
+// a (M x k, row stride lda: the weight as the op receives it, no repacking) @ b (k x kNR panel; NV = 1 uses
+// only its first 16 lanes, for a last panel of <= 16 positions). Each k step broadcasts one weight per row
+// (12 streams that stay in L1 across a chunk) into 2 x M FMAs.
+template <int M, int NV>
+__attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, int64_t lda, const float* __restrict b,
+                                                     int64_t k, float* const* c, const float* bias, bool accumulate,
+                                                     __mmask16 m0, __mmask16 m1) {
+  __m512 acc[NV][M];
+  load_tile<M, NV>(acc, c, bias, accumulate, m0, m1);
   for (int64_t kk = 0; kk < k; ++kk, ++a, b += kNR) {
     __m512 bv[NV];
 #pragma GCC unroll 2
@@ -73,11 +90,7 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, 
       for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
     }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < M; ++i) {
-    _mm512_mask_storeu_ps(c[i], m0, acc[0][i]);
-    if constexpr (NV == 2) _mm512_mask_storeu_ps(c[i] + 16, m1, acc[NV - 1][i]);
-  }
+  store_tile<M, NV>(acc, c, m0, m1);
 }
 
 using MicroKernel = void (*)(const float*, int64_t, const float*, int64_t, float* const*, const float*, bool,
@@ -97,17 +110,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(const uint3
                                                                      float* const* c, const float* bias,
                                                                      bool accumulate, __mmask16 m0, __mmask16 m1) {
   __m512 acc[NV][M];
-#pragma GCC unroll 12
-  for (int i = 0; i < M; ++i) {
-    if (accumulate) {
-      acc[0][i] = _mm512_maskz_loadu_ps(m0, c[i]);
-      if constexpr (NV == 2) acc[NV - 1][i] = _mm512_maskz_loadu_ps(m1, c[i] + 16);
-      continue;
-    }
-    const __m512 init = bias != nullptr ? _mm512_set1_ps(bias[i]) : _mm512_setzero_ps();
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[v][i] = init;
-  }
+  load_tile<M, NV>(acc, c, bias, accumulate, m0, m1);
   for (int64_t q = 0; q < kp; ++q, ++a, b += kNR) {
     __m512bh bv[NV];
 #pragma GCC unroll 2
@@ -119,11 +122,7 @@ __attribute__((target("avx512f,avx512bf16"))) void micro_kernel_bf16(const uint3
       for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_dpbf16_ps(acc[v][i], av, bv[v]);
     }
   }
-#pragma GCC unroll 12
-  for (int i = 0; i < M; ++i) {
-    _mm512_mask_storeu_ps(c[i], m0, acc[0][i]);
-    if constexpr (NV == 2) _mm512_mask_storeu_ps(c[i] + 16, m1, acc[NV - 1][i]);
-  }
+  store_tile<M, NV>(acc, c, m0, m1);
 }
 
 using MicroKernelBf16 = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float* const*, const float*,
