@@ -150,9 +150,10 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (G.n == 0) return out;
   const std::string choice = gemm_choice();  // once per call, not per tile
   const bool gather_ok = gather_gemm_supported(x.scalar_type()) && gather_gemm_fits(G);
-  TORCH_CHECK(choice != "gather" || gather_ok || x.scalar_type() == at::kDouble,
-              "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (it needs an x86-64 CPU with "
-              "AVX-512F, and AVX-512BW/VL for bf16 / fp16, and a input whose offsets fit 32 bits); unset it");
+  TORCH_CHECK(choice != "gather" || gather_ok,
+              "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (it runs float32, bfloat16 and "
+              "float16 on x86-64 CPUs with AVX-512F, AVX-512BW/VL for the 16-bit types, on inputs whose offsets "
+              "fit 32 bits; got ", x.scalar_type(), "); unset SSL_LIGHTNING_GEMM or set it to auto");
   if (gather_ok && (choice == "gather" || choice == "auto")) {
     // writes every output row itself (removed filters' bias included), in one parallel region
     const at::Tensor wc = weight.contiguous();

@@ -211,37 +211,12 @@ __attribute__((target("avx512f"))) void pack_panel(const float* x, const int64_t
   }
 }
 
-// The same for 16-bit storage: runs are masked 16-bit loads widened to fp32; without runs (strided width)
-// lanes are read one by one (AVX-512 has no 16-bit gather, and a 32-bit one could read past the tensor).
+// 16 lanes (half h of the panel) of one kept column of 16-bit storage, as raw bits; m: the column's
+// in-bounds lanes. Runs are masked 16-bit loads; without runs (strided width) lanes are read one by one
+// (AVX-512 has no 16-bit gather, and a 32-bit one could read past the tensor).
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_panel(const T* x, const int64_t* off,
-                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
-                                                                      const Panel& pn, bool use_runs, float* dst) {
-  const uint32_t* rm = pn.row_mask.data();
-  const uint32_t* cm = pn.col_mask.data();
-  for (int64_t i = 0; i < k; ++i, dst += kNR) {
-    const uint32_t m = rm[ki[i]] & cm[kj[i]];
-    const T* base = x + off[i];
-    if (!use_runs) {
-      for (int j = 0; j < kNR; ++j) dst[j] = (m >> j) & 1u ? float(base[pn.idx[j]]) : 0.0f;
-      continue;
-    }
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t mh = (m >> (16 * h)) & 0xffffu;
-      __m256i v = _mm256_setzero_si256();
-      for (int s = 0; s < pn.runs[h]; ++s) {
-        const uint32_t ms = mh & pn.run_mask[h][s];
-        if (ms != 0) v = _mm256_mask_loadu_epi16(v, __mmask16(ms), base + pn.run_off[h][s]);
-      }
-      _mm512_storeu_ps(dst + 16 * h, widen(v, static_cast<T*>(nullptr)));
-    }
-  }
-}
-
-// 16 lanes (half h of the panel) of one kept column as raw bf16 bits; m: the column's in-bounds lanes.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(const c10::BFloat16* base,
-                                                                                 uint32_t m, int h, const Panel& pn,
-                                                                                 bool use_runs) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(const T* base, uint32_t m, int h,
+                                                                                 const Panel& pn, bool use_runs) {
   const uint32_t mh = (m >> (16 * h)) & 0xffffu;
   if (!use_runs) {
     alignas(32) uint16_t lanes[16];
@@ -254,6 +229,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(
     if (ms != 0) v = _mm256_mask_loadu_epi16(v, __mmask16(ms), base + pn.run_off[h][s]);
   }
   return v;
+}
+
+// The fp32 B panel of pack_panel from 16-bit storage, widened.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_panel(const T* x, const int64_t* off,
+                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
+                                                                      const Panel& pn, bool use_runs, float* dst) {
+  const uint32_t* rm = pn.row_mask.data();
+  const uint32_t* cm = pn.col_mask.data();
+  for (int64_t i = 0; i < k; ++i, dst += kNR)
+    for (int h = 0; h < 2; ++h)
+      _mm512_storeu_ps(dst + 16 * h, widen(column_half(x + off[i], rm[ki[i]] & cm[kj[i]], h, pn, use_runs),
+                                           static_cast<T*>(nullptr)));
 }
 
 // bf16 B panel of k-pairs (see micro_kernel_bf16): per pair, per lane (column 2q | column 2q + 1 << 16),
@@ -291,7 +279,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float
                                                                       __mmask16 m0, __mmask16 m1) {
   for (int i = 0; i < m; ++i, tile += kNR) {
     _mm256_mask_storeu_epi16(dst[i], m0, narrow(_mm512_loadu_ps(tile), static_cast<T*>(nullptr)));
-    if (m1 != 0) _mm256_mask_storeu_epi16(dst[i] + 16, m1, narrow(_mm512_loadu_ps(tile + 16), static_cast<T*>(nullptr)));
+    if (m1 != 0)
+      _mm256_mask_storeu_epi16(dst[i] + 16, m1, narrow(_mm512_loadu_ps(tile + 16), static_cast<T*>(nullptr)));
   }
 }
 

@@ -345,6 +345,15 @@ def test_unknown_gemm_choice_is_a_clear_error() -> None:
         ops.compact_conv2d(x, wc, ri, rp, ci, cp, None, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)
 
 
+@compiled
+def test_forcing_the_gather_kernel_where_it_cannot_run_is_a_clear_error() -> None:
+    x, *rest = case(5, dtype=torch.float64)
+    with _gemm_env("gather"), pytest.raises(RuntimeError, match=r"SSL_LIGHTNING_GEMM=gather: .* got Double\)"):
+        ops.compact_conv2d(x, *rest, False)
+    with _gemm_env("auto"):  # auto takes the lowered path for float64
+        torch.testing.assert_close(ops.compact_conv2d(x, *rest, False), ops.compact_conv2d_reference(x, *rest, False))
+
+
 @pytest.mark.parametrize("gemm", ["auto", "onednn"])
 @pytest.mark.parametrize("keep_cols", [0.0, 1.0])
 @pytest.mark.parametrize("compact_output", [False, True])
