@@ -18,8 +18,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <string_view>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -412,9 +412,11 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
   const float* a_all = nullptr;  // the compact weight as fp32
   // bf16 on a CPU with AVX512_BF16: multiply bf16 pairs directly (A rows padded to even k, B packed in pairs)
   // (SSL_LIGHTNING_BF16_DOT=0 widens bf16 to fp32 instead, as on CPUs without it: for tests and comparisons)
-  const char* dot_env = std::getenv("SSL_LIGHTNING_BF16_DOT");
-  const bool dot = std::is_same_v<T, c10::BFloat16> && cpu_has_bf16_dot() &&
-                   !(dot_env != nullptr && std::string_view(dot_env) == "0");
+  bool dot = false;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // the environment is read for bf16 calls only
+    const char* dot_env = std::getenv("SSL_LIGHTNING_BF16_DOT");
+    dot = cpu_has_bf16_dot() && !(dot_env != nullptr && std::string_view(dot_env) == "0");
+  }
   if constexpr (kWide) {
     a_all = weight;
   } else if (dot) {
@@ -484,6 +486,8 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       const int64_t c0 = col_ptr[g];
       const float* a_g = a_all != nullptr ? a_all + w_off[g] : nullptr;
       if constexpr (!kWide) ts.ctile.resize((rb1 - rb0) * kMR * kNR);
+      // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
+      auto tile_row = [&](int64_t r0, int i) { return ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR; };
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (dot) {
           const MicroKernelBf16* kb = np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>;
@@ -495,11 +499,11 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
           chunk += chunk & 1;
           uint32_t* bp = reinterpret_cast<uint32_t*>(ts.bpanel.data());
           for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
-            const int64_t kc = std::max<int64_t>(0, std::min(chunk, k - kc0));
+            const int64_t kc = std::min(chunk, k - kc0);
             pack_pairs(x + n * G.c * HW, off + c0 + kc0, kis + c0 + kc0, kjs + c0 + kc0, kc, pn, runs, bp);
             for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
               const int m = int(std::min<int64_t>(kMR, r - r0));
-              for (int i = 0; i < m; ++i) crow[i] = ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR;
+              for (int i = 0; i < m; ++i) crow[i] = tile_row(r0, i);
               kb[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2, bp, (kc + 1) / 2, crow,
                     bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
             }
@@ -520,8 +524,8 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
             if constexpr (kWide) {
               const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
               crow[i] = out_n + row * P;
-            } else {  // an fp32 tile row, rounded into the output once every chunk is in
-              crow[i] = ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR;
+            } else {
+              crow[i] = tile_row(r0, i);
             }
           }
           kernels[m](a_g + r0 * k + kc0, k, ts.bpanel.data(), kc, crow,
@@ -535,7 +539,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
             const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
             orow[i] = out_n + row * P;
           }
-          store_rows(ts.ctile.data() + (r0 - rb0 * kMR) * kNR, m, orow, m0, m1);
+          store_rows(tile_row(r0, 0), m, orow, m0, m1);
         }
       }
     }
