@@ -149,15 +149,18 @@ bool cpu_has_bf16_dot() {
 }
 
 // The 32 positions of one panel, as seen by the packing: per lane the input offset (ih * W + iw) of the
-// tap origin, per kernel row / column the lanes whose tap row / column is inside the image, and (stride-1
-// width only) the runs of lanes that are consecutive in memory, at most kMaxRuns per 16-lane half.
+// tap origin; per tap t = kh_i * KW + kw_i the lanes whose tap is inside the image (zero padding elsewhere);
+// and (stride-1 width only) the runs of lanes that are consecutive in memory, at most kMaxRuns per 16-lane
+// half, with each tap's in-image lanes split by run, so packing a column is a fixed sequence of masked
+// loads with no data-dependent branch (those mispredicted on ~half the columns).
 constexpr int kMaxRuns = 8;
 struct Panel {
   alignas(64) int32_t idx[kNR];
-  std::vector<uint32_t> row_mask, col_mask;
   int runs[2] = {0, 0};
-  uint32_t run_mask[2][kMaxRuns];   // lanes of the run, within its half
-  int64_t run_off[2][kMaxRuns];     // input offset that lane 0 of the half would read
+  int64_t run_off[2][kMaxRuns];  // input offset that lane 0 of the half would read
+  std::vector<uint32_t> tap_lanes;  // [taps]
+  std::vector<uint16_t> run_lanes;  // [taps][2][kMaxRuns]: tap_lanes of half h within run s
+  std::vector<uint32_t> row_mask, col_mask;  // describe_panel's scratch: lanes in bounds per kernel row / column
 };
 
 // 16 lanes of 16-bit storage (bf16 or fp16) to fp32.
@@ -178,86 +181,85 @@ __attribute__((target("avx512f"))) inline __m256i narrow(__m512 v, c10::Half*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// The kept columns' taps index Panel::tap_lanes / run_lanes. The packing routines are noipa: cloned with the
+// thread-local scratch panel propagated into them, GCC re-derived its TLS address inside the column loop.
+
 // B panel (k x 32): dst[i][j] = x[col i at position p0 + j], zero outside the image or past the last position.
-// With runs, each run of a column is one masked unaligned load; otherwise one masked gather per half.
-__attribute__((target("avx512f"))) void pack_panel(const float* x, const int64_t* off, const int32_t* ki,
-                                                   const int32_t* kj, int64_t k, const Panel& pn, bool use_runs,
-                                                   float* dst) {
-  const __m512 zero = _mm512_setzero_ps();
-  const uint32_t* rm = pn.row_mask.data();
-  const uint32_t* cm = pn.col_mask.data();
+// With runs, each run of a column is one zero-masked unaligned load, OR-ed (runs are disjoint); otherwise one
+// masked gather per half.
+__attribute__((target("avx512f"), noipa)) void pack_panel(const float* x, const int64_t* off, const int32_t* tap,
+                                                          int64_t k, const Panel& pn, bool use_runs, float* dst) {
   if (use_runs) {
+    const int r0 = pn.runs[0], r1 = pn.runs[1];
+    const int64_t *o0 = pn.run_off[0], *o1 = pn.run_off[1];
+    const uint16_t* lanes = pn.run_lanes.data();
     for (int64_t i = 0; i < k; ++i, dst += kNR) {
-      const uint32_t m = rm[ki[i]] & cm[kj[i]];
+      const uint16_t* m = lanes + tap[i] * (2 * kMaxRuns);
       const float* base = x + off[i];
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t mh = (m >> (16 * h)) & 0xffffu;
-        __m512 v = zero;
-        for (int s = 0; s < pn.runs[h]; ++s) {
-          const uint32_t ms = mh & pn.run_mask[h][s];
-          if (ms != 0) v = _mm512_mask_loadu_ps(v, __mmask16(ms), base + pn.run_off[h][s]);
-        }
-        _mm512_storeu_ps(dst + 16 * h, v);
-      }
+      __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
+      for (int s = 0; s < r0; ++s)
+        v0 = _mm512_or_si512(v0, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(m[s]), base + o0[s])));
+      for (int s = 0; s < r1; ++s)
+        v1 = _mm512_or_si512(v1, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(m[kMaxRuns + s]), base + o1[s])));
+      _mm512_storeu_si512(dst, v0);
+      _mm512_storeu_si512(dst + 16, v1);
     }
     return;
   }
+  const __m512 zero = _mm512_setzero_ps();
+  const uint32_t* tl = pn.tap_lanes.data();
   const __m512i v0 = _mm512_loadu_si512(pn.idx), v1 = _mm512_loadu_si512(pn.idx + 16);
   for (int64_t i = 0; i < k; ++i, dst += kNR) {
-    const uint32_t m = rm[ki[i]] & cm[kj[i]];
+    const uint32_t m = tl[tap[i]];
     const float* base = x + off[i];
     _mm512_storeu_ps(dst, _mm512_mask_i32gather_ps(zero, __mmask16(m), v0, base, 4));
     _mm512_storeu_ps(dst + 16, _mm512_mask_i32gather_ps(zero, __mmask16(m >> 16), v1, base, 4));
   }
 }
 
-// 16 lanes (half h of the panel) of one kept column of 16-bit storage, as raw bits; m: the column's
-// in-bounds lanes. Runs are masked 16-bit loads; without runs (strided width) lanes are read one by one
-// (AVX-512 has no 16-bit gather, and a 32-bit one could read past the tensor).
+// 16 lanes (half h of the panel) of one kept column (tap t) of 16-bit storage, as raw bits. Runs are
+// zero-masked 16-bit loads, OR-ed; without runs (strided width) lanes are read one by one (AVX-512 has no
+// 16-bit gather, and a 32-bit one could read past the tensor).
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(const T* base, uint32_t m, int h,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i column_half(const T* base, int32_t t, int h,
                                                                                  const Panel& pn, bool use_runs) {
-  const uint32_t mh = (m >> (16 * h)) & 0xffffu;
   if (!use_runs) {
+    const uint32_t mh = (pn.tap_lanes[t] >> (16 * h)) & 0xffffu;
     alignas(32) uint16_t lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = (mh >> l) & 1u ? base[pn.idx[16 * h + l]].x : uint16_t(0);
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
   }
+  const uint16_t* m = pn.run_lanes.data() + (t * 2 + h) * kMaxRuns;
   __m256i v = _mm256_setzero_si256();
-  for (int s = 0; s < pn.runs[h]; ++s) {
-    const uint32_t ms = mh & pn.run_mask[h][s];
-    if (ms != 0) v = _mm256_mask_loadu_epi16(v, __mmask16(ms), base + pn.run_off[h][s]);
-  }
+  for (int s = 0; s < pn.runs[h]; ++s)
+    v = _mm256_or_si256(v, _mm256_maskz_loadu_epi16(__mmask16(m[s]), base + pn.run_off[h][s]));
   return v;
 }
 
 // The fp32 B panel of pack_panel from 16-bit storage, widened.
 template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_panel(const T* x, const int64_t* off,
-                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
-                                                                      const Panel& pn, bool use_runs, float* dst) {
-  const uint32_t* rm = pn.row_mask.data();
-  const uint32_t* cm = pn.col_mask.data();
+__attribute__((target("avx512f,avx512bw,avx512vl"), noipa)) void pack_panel(const T* x, const int64_t* off,
+                                                                             const int32_t* tap, int64_t k,
+                                                                             const Panel& pn, bool use_runs,
+                                                                             float* dst) {
   for (int64_t i = 0; i < k; ++i, dst += kNR)
     for (int h = 0; h < 2; ++h)
-      _mm512_storeu_ps(dst + 16 * h, widen(column_half(x + off[i], rm[ki[i]] & cm[kj[i]], h, pn, use_runs),
-                                           static_cast<T*>(nullptr)));
+      _mm512_storeu_ps(dst + 16 * h,
+                       widen(column_half(x + off[i], tap[i], h, pn, use_runs), static_cast<T*>(nullptr)));
 }
 
 // bf16 B panel of k-pairs (see micro_kernel_bf16): per pair, per lane (column 2q | column 2q + 1 << 16),
 // the second column zero past k. Columns are read as in pack_panel.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void pack_pairs(const c10::BFloat16* x, const int64_t* off,
-                                                                      const int32_t* ki, const int32_t* kj, int64_t k,
-                                                                      const Panel& pn, bool use_runs, uint32_t* dst) {
-  const uint32_t* rm = pn.row_mask.data();
-  const uint32_t* cm = pn.col_mask.data();
+__attribute__((target("avx512f,avx512bw,avx512vl"), noipa)) void pack_pairs(const c10::BFloat16* x,
+                                                                            const int64_t* off, const int32_t* tap,
+                                                                            int64_t k, const Panel& pn,
+                                                                            bool use_runs, uint32_t* dst) {
   for (int64_t i = 0; i < k; i += 2, dst += kNR) {
     for (int h = 0; h < 2; ++h) {
-      const __m512i lo = _mm512_cvtepu16_epi32(column_half(x + off[i], rm[ki[i]] & cm[kj[i]], h, pn, use_runs));
+      const __m512i lo = _mm512_cvtepu16_epi32(column_half(x + off[i], tap[i], h, pn, use_runs));
       __m512i hi = _mm512_setzero_si512();
       if (i + 1 < k)
-        hi = _mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(column_half(x + off[i + 1], rm[ki[i + 1]] & cm[kj[i + 1]], h, pn, use_runs)), 16);
+        hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(column_half(x + off[i + 1], tap[i + 1], h, pn, use_runs)), 16);
       _mm512_storeu_si512(dst + 16 * h, _mm512_or_si512(lo, hi));
     }
   }
@@ -287,7 +289,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float
 // Scratch memory reused across calls (its contents are rebuilt by every call; nothing is cached).
 struct CallTables {  // the calling thread's per-call tables
   std::vector<int64_t> off, w_off, fill, fill_ptr;
-  std::vector<int32_t> kis, kjs;
+  std::vector<int32_t> taps;  // per kept column: its tap kh_i * KW + kw_i
   std::vector<float> bias_kept;
   std::vector<float> a32;  // the compact weight widened to fp32 (16-bit storage only)
   std::vector<uint16_t> a16;  // bf16 dot path: the compact weight, each row padded to an even length
@@ -299,6 +301,12 @@ struct TaskScratch {  // one worker's B panel, panel description and (16-bit sto
   std::vector<float> ctile;
   Panel panel;
 };
+// v resized to hold n floats from a 64-byte boundary, and that boundary: the B panel's 32-float rows and the
+// C tile's rows then start on cache lines (glibc's 16-byte alignment split every zmm store and load in two).
+float* aligned_floats(std::vector<float>& v, int64_t n) {
+  v.resize(n + 15);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+}
 CallTables& call_tables() {
   thread_local CallTables t;
   return t;
@@ -330,17 +338,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void fill_panel_rows(T* out
 
 // Fills pn for positions [p0, p0 + np) and reports whether every half fits in kMaxRuns runs.
 bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn) {
-  std::fill(pn.row_mask.begin(), pn.row_mask.end(), 0u);
-  std::fill(pn.col_mask.begin(), pn.col_mask.end(), 0u);
+  pn.row_mask.assign(G.kh, 0u);
+  pn.col_mask.assign(G.kw, 0u);
   pn.runs[0] = pn.runs[1] = 0;
+  uint32_t run_mask[2][kMaxRuns];  // lanes of each run, within its half
   bool fits = G.sw == 1;
+  int64_t oh = p0 / G.wo, ow = p0 % G.wo;  // position p0 + j, advanced lane by lane (no division per lane)
   for (int64_t j = 0; j < kNR; ++j) {
     if (j >= np) {
       pn.idx[j] = 0;
       continue;
     }
-    const int64_t oh = (p0 + j) / G.wo, ow = (p0 + j) % G.wo;
     const int64_t ih = oh * G.sh - G.ph, iw = ow * G.sw - G.pw;
+    if (++ow == G.wo) ow = 0, ++oh;
     pn.idx[j] = int32_t(ih * G.w + iw);
     for (int64_t a = 0; a < G.kh; ++a)
       if (uint64_t(ih + a * G.dh) < uint64_t(G.h)) pn.row_mask[a] |= 1u << j;
@@ -354,11 +364,22 @@ bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn) {
         fits = false;
         continue;
       }
-      pn.run_mask[h][pn.runs[h]] = 0;
+      run_mask[h][pn.runs[h]] = 0;
       pn.run_off[h][pn.runs[h]] = int64_t(pn.idx[j]) - lane;
       ++pn.runs[h];
     }
-    pn.run_mask[h][pn.runs[h] - 1] |= 1u << lane;
+    run_mask[h][pn.runs[h] - 1] |= 1u << lane;
+  }
+  const int64_t taps = G.kh * G.kw;
+  pn.tap_lanes.resize(taps);
+  for (int64_t a = 0; a < G.kh; ++a)
+    for (int64_t b = 0; b < G.kw; ++b) pn.tap_lanes[a * G.kw + b] = pn.row_mask[a] & pn.col_mask[b];
+  if (fits) {
+    pn.run_lanes.resize(taps * 2 * kMaxRuns);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int h = 0; h < 2; ++h)
+        for (int s = 0; s < pn.runs[h]; ++s)
+          pn.run_lanes[(t * 2 + h) * kMaxRuns + s] = uint16_t((pn.tap_lanes[t] >> (16 * h)) & run_mask[h][s]);
   }
   return fits;
 }
@@ -388,14 +409,14 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
   // Per-call tables live in this thread's scratch (reused across calls, rebuilt every call): allocating
   // them fresh took 1.6-2.2 us per call on AlexNet conv4 at 2 threads, ~1.5 % of the whole layer.
   CallTables& tb = call_tables();
-  // Per kept column: input offset of its tap origin and its (kh, kw) index.
+  // Per kept column: input offset of its tap origin and its tap (kh_i * KW + kw_i).
   const int64_t kcols = col_ptr[G.groups];
-  tb.off.resize(kcols), tb.kis.resize(kcols), tb.kjs.resize(kcols);
+  tb.off.resize(kcols), tb.taps.resize(kcols);
   for (int64_t g = 0; g < G.groups; ++g) {
     for (int64_t i = col_ptr[g]; i < col_ptr[g + 1]; ++i) {
       const int64_t c = col_idx[i] / taps, t = col_idx[i] % taps;
-      tb.kis[i] = int32_t(t / G.kw), tb.kjs[i] = int32_t(t % G.kw);
-      tb.off[i] = (g * G.cg + c) * HW + tb.kis[i] * G.dh * G.w + tb.kjs[i] * G.dw;
+      tb.taps[i] = int32_t(t);
+      tb.off[i] = (g * G.cg + c) * HW + (t / G.kw) * G.dh * G.w + (t % G.kw) * G.dw;
     }
   }
   // The kernel reads A (the kept filters) straight from the op's packed weight: per group r x k row-major.
@@ -449,7 +470,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
     }
   }
   const int64_t* off = tb.off.data();
-  const int32_t *kis = tb.kis.data(), *kjs = tb.kjs.data();
+  const int32_t* tap = tb.taps.data();
   const int64_t *w_off = tb.w_off.data(), *fill = tb.fill.data(), *fill_ptr = tb.fill_ptr.data();
   const float* bias_kept = tb.bias_kept.data();
 
@@ -460,10 +481,8 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
   const int64_t rsplit = std::clamp<int64_t>((want + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, rblocks_max));
   at::parallel_for(0, base_tasks * rsplit, 1, [&](int64_t t0, int64_t t1) {
     TaskScratch& ts = task_scratch();
-    ts.bpanel.resize(std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
+    float* const bpanel = aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
     Panel& pn = ts.panel;
-    pn.row_mask.resize(G.kh);
-    pn.col_mask.resize(G.kw);
     float* crow[kMR];
     T* orow[kMR];
     for (int64_t t = t0; t < t1; ++t) {
@@ -485,9 +504,9 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
       const int64_t c0 = col_ptr[g];
       const float* a_g = a_all != nullptr ? a_all + w_off[g] : nullptr;
-      if constexpr (!kWide) ts.ctile.resize((rb1 - rb0) * kMR * kNR);
+      float* const ctile = kWide ? nullptr : aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
       // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
-      auto tile_row = [&](int64_t r0, int i) { return ts.ctile.data() + (r0 - rb0 * kMR + i) * kNR; };
+      auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (dot) {
           const MicroKernelBf16* kb = np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>;
@@ -497,10 +516,10 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
           const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
           int64_t chunk = std::max<int64_t>(2, (kpad + chunks - 1) / chunks);
           chunk += chunk & 1;
-          uint32_t* bp = reinterpret_cast<uint32_t*>(ts.bpanel.data());
+          uint32_t* bp = reinterpret_cast<uint32_t*>(bpanel);
           for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
             const int64_t kc = std::min(chunk, k - kc0);
-            pack_pairs(x + n * G.c * HW, off + c0 + kc0, kis + c0 + kc0, kjs + c0 + kc0, kc, pn, runs, bp);
+            pack_pairs(x + n * G.c * HW, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bp);
             for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
               const int m = int(std::min<int64_t>(kMR, r - r0));
               for (int i = 0; i < m; ++i) crow[i] = tile_row(r0, i);
@@ -517,7 +536,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);  // k == 0: one pass writes the bias
       for (int64_t kc0 = 0; !dot && kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {  // fp32 arithmetic
         const int64_t kc = std::min(chunk, k - kc0);
-        pack_panel(x + n * G.c * HW, off + c0 + kc0, kis + c0 + kc0, kjs + c0 + kc0, kc, pn, runs, ts.bpanel.data());
+        pack_panel(x + n * G.c * HW, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bpanel);
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
           const int m = int(std::min<int64_t>(kMR, r - r0));
           for (int i = 0; i < m; ++i) {
@@ -528,7 +547,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
               crow[i] = tile_row(r0, i);
             }
           }
-          kernels[m](a_g + r0 * k + kc0, k, ts.bpanel.data(), kc, crow,
+          kernels[m](a_g + r0 * k + kc0, k, bpanel, kc, crow,
                      bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
         }
       }

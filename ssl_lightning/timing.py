@@ -44,9 +44,10 @@ def interleaved_times(
     The allocator is settled first (:func:`settle_allocator`), so no function is charged for page faults
     that a long-running process would not see. Each function is called once to warm up (oneDNN primitive
     caches) and once to size its timing block to about ``block_seconds``; then ``rounds`` rounds each time
-    one block of every function in turn, so all of them see the same machine state. Per function: the
-    median block (``stat="median"``) or the best one (``"min"``: least disturbed by other load; a block can
-    only be slowed by interference).
+    one block of every function in turn, so all of them see the same machine state. The order turns by one
+    function each round, so no function always follows the same other one (whose cache footprint, freed
+    memory or heat it would inherit). Per function: the median block (``stat="median"``) or the best one
+    (``"min"``: least disturbed by other load; a block can only be slowed by interference).
     """
     if not fns:
         raise ValueError("interleaved_times needs at least one function to time")
@@ -63,8 +64,9 @@ def interleaved_times(
         f()
     number = {k: max(1, int(block_seconds / max(t.timeit(1).median, 1e-7))) for k, t in timers.items()}
     samples: dict[K, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, t in timers.items():
-            samples[k].append(t.timeit(number[k]).median)
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            samples[k].append(timers[k].timeit(number[k]).median)
     reduce = min if stat == "min" else statistics.median
     return {k: reduce(v) for k, v in samples.items()}

@@ -396,6 +396,26 @@ def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, c
     assert (got - expected).abs().max() / expected.abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wo", [1, 2, 3])
+def test_narrow_outputs_at_stride_1_pack_by_runs_or_by_lanes(dtype: torch.dtype, wo: int) -> None:
+    """Stride-1 panels are packed one masked load per run of consecutive positions, at most 8 runs per 16
+    lanes: output rows of 3 positions give 6 runs, of 2 exactly 8, of 1 sixteen (read lane by lane instead).
+    Padding rows and columns make every tap's lanes a different subset of each run."""
+    gen = torch.Generator().manual_seed(wo)
+    x = torch.randn(2, 6, 41, wo + 2, generator=gen).to(dtype)  # kernel 3, padding (1, 0): Wo = wo
+    dense = torch.randn(26, 3, 3, 3, generator=gen).to(dtype)
+    bias = torch.randn(26, generator=gen).to(dtype)
+    ri, rp, ci, cp = layout(26, 3, 3, 3, 2, 0.6, 0.7, wo)
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, 26, 3, (3, 3))
+    expected = F.conv2d(x.double(), masked.double(), bias.double(), 1, (1, 0), 1, 2)
+    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 0), (1, 1), 2, 26)
+    assert got.shape == expected.shape == (2, 26, 41, wo)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # 16-bit storage: one rounding of the fp32 result
+    torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
 def _gather_kernel_runs_16_bit() -> bool:
     """Whether this build and CPU run bf16 / fp16 through the AVX-512 kernel (SSL_LIGHTNING_GEMM=gather)."""
     if not has_compiled_ops():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import platform
 import subprocess
 import sys
@@ -48,6 +49,16 @@ def test_calls_run_on_the_callers_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {2}
+
+
+def test_each_round_starts_one_function_later() -> None:
+    # a function timed always right after the same other one would inherit its cache state every round
+    order: list[str] = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    interleaved_times(fns, 3, block_seconds=1e-4)
+    blocks = [k for k, _ in itertools.groupby(order)]  # consecutive calls of one function: one block
+    # warm-up calls and sizing blocks in the given order, then the three rounds
+    assert "".join(blocks) == "abc" "abc" "abc" "bca" "cab"
 
 
 @pytest.mark.parametrize(
