@@ -58,7 +58,7 @@ def test_each_round_starts_one_function_later() -> None:
     interleaved_times(fns, 3, block_seconds=1e-4)
     blocks = [k for k, _ in itertools.groupby(order)]  # consecutive calls of one function: one block
     # warm-up calls and sizing blocks in the given order, then the three rounds
-    assert "".join(blocks) == "abc" "abc" "abc" "bca" "cab"
+    assert "".join(blocks) == "abc" + "abc" + "abc" + "bca" + "cab"
 
 
 @pytest.mark.parametrize(
