@@ -70,6 +70,18 @@ __attribute__((target("avx512f"), always_inline)) inline void store_tile(const _
   }
 }
 
+// One k step of the C tile: acc[v][i] += a[i * lda] * bv[v].
+template <int M, int NV>
+__attribute__((target("avx512f"), always_inline)) inline void fma_step(__m512 (&acc)[NV][M], const float* a,
+                                                                        int64_t lda, const __m512 (&bv)[NV]) {
+#pragma GCC unroll 12
+  for (int i = 0; i < M; ++i) {
+    const __m512 av = _mm512_set1_ps(a[i * lda]);
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
+  }
+}
+
 // C rows c[0..M) at positions [0, 16 * NV) (masked by m0 | m1 << 16) = (accumulate ? C : bias) +
 // a (M x k, row stride lda: the weight as the op receives it, no repacking) @ b (k x kNR panel; NV = 1 uses
 // only its first 16 lanes, for a last panel of <= 16 positions). Each k step broadcasts one weight per row
@@ -84,12 +96,7 @@ __attribute__((target("avx512f"))) void micro_kernel(const float* __restrict a, 
     __m512 bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
-#pragma GCC unroll 12
-    for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
-    }
+    fma_step<M, NV>(acc, a, lda, bv);
   }
   store_tile<M, NV>(acc, c, m0, m1);
 }
@@ -182,6 +189,17 @@ __attribute__((target("avx512f"))) inline __m256i narrow(__m512 v, c10::Half*) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// 16 lanes of one kept column at stride 1: a zero-masked load per run (lanes[s]: the column's in-image lanes
+// of run s), OR-ed (runs are disjoint).
+__attribute__((target("avx512f"), always_inline)) inline __m512 run_column_half(const float* base,
+                                                                                 const uint16_t* lanes, int runs,
+                                                                                 const int64_t* run_off) {
+  __m512i col = _mm512_setzero_si512();
+  for (int s = 0; s < runs; ++s)
+    col = _mm512_or_si512(col, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(lanes[s]), base + run_off[s])));
+  return _mm512_castsi512_ps(col);
+}
+
 // The kept columns' taps index Panel::tap_lanes / run_lanes. The packing routines are noipa: cloned with the
 // thread-local scratch panel propagated into them, GCC re-derived its TLS address inside the column loop.
 
@@ -197,13 +215,8 @@ __attribute__((target("avx512f"), noipa)) void pack_panel(const float* x, const 
     for (int64_t i = 0; i < k; ++i, dst += kNR) {
       const uint16_t* m = lanes + tap[i] * (2 * kMaxRuns);
       const float* base = x + off[i];
-      __m512i v0 = _mm512_setzero_si512(), v1 = _mm512_setzero_si512();
-      for (int s = 0; s < r0; ++s)
-        v0 = _mm512_or_si512(v0, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(m[s]), base + o0[s])));
-      for (int s = 0; s < r1; ++s)
-        v1 = _mm512_or_si512(v1, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(m[kMaxRuns + s]), base + o1[s])));
-      _mm512_storeu_si512(dst, v0);
-      _mm512_storeu_si512(dst + 16, v1);
+      _mm512_store_ps(dst, run_column_half(base, m, r0, o0));
+      _mm512_store_ps(dst + 16, run_column_half(base, m + kMaxRuns, r1, o1));
     }
     return;
   }
@@ -239,19 +252,10 @@ __attribute__((target("avx512f"))) void micro_kernel_pack(const float* __restric
     __m512 bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
-      __m512i col = _mm512_setzero_si512();
-      for (int s = 0; s < runs[v]; ++s)
-        col = _mm512_or_si512(
-            col, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(m[v * kMaxRuns + s]), base + run_off[v][s])));
-      bv[v] = _mm512_castsi512_ps(col);
+      bv[v] = run_column_half(base, m + v * kMaxRuns, runs[v], run_off[v]);
       _mm512_store_ps(b + 16 * v, bv[v]);
     }
-#pragma GCC unroll 12
-    for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda]);
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[v][i] = _mm512_fmadd_ps(av, bv[v], acc[v][i]);
-    }
+    fma_step<M, NV>(acc, a, lda, bv);
   }
   store_tile<M, NV>(acc, c, m0, m1);
 }
