@@ -576,38 +576,23 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       float* const ctile = kWide ? nullptr : aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
       // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
       auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (dot) {
-          const MicroKernelBf16* kb = np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>;
-          const int64_t kpad = k + (k & 1);
-          const uint32_t* a2 = reinterpret_cast<const uint32_t*>(tb.a16.data() + tb.w_off16[g]);
-          // even chunks of at most kKC columns (kKC / 2 pairs of 32 lanes: the same bytes as an fp32 chunk)
-          const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
-          int64_t chunk = std::max<int64_t>(2, (kpad + chunks - 1) / chunks);
-          chunk += chunk & 1;
-          uint32_t* bp = reinterpret_cast<uint32_t*>(bpanel);
-          for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
-            const int64_t kc = std::min(chunk, k - kc0);
-            pack_pairs(x + n * G.c * HW, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bp);
-            for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
-              const int m = int(std::min<int64_t>(kMR, r - r0));
-              for (int i = 0; i < m; ++i) crow[i] = tile_row(r0, i);
-              kb[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2, bp, (kc + 1) / 2, crow,
-                    bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr, kc0 > 0, m0, m1);
-            }
-          }
-        }
-      }
-
       // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
-      // for every row block (equal: no short last chunk that pays a full C load / store for a few columns)
-      const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
-      const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);  // k == 0: one pass writes the bias
+      // for every row block (equal: no short last chunk that pays a full C load / store for a few columns).
+      // The bf16 dot path multiplies column pairs: its chunks are even (kKC / 2 pairs of 32 lanes, the same
+      // bytes as an fp32 chunk) over the weight rows padded to kpad columns.
+      const int64_t kpad = dot ? k + (k & 1) : k;
+      const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
+      int64_t chunk = std::max<int64_t>(dot ? 2 : 1, (kpad + chunks - 1) / chunks);  // k == 0: one bias pass
+      if (dot) chunk += chunk & 1;
       // fp32 storage at stride 1: the first row block packs the panel as it multiplies (micro_kernel_pack)
       const bool pack_in_kernel = kWide && runs;
-      for (int64_t kc0 = 0; !dot && kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {  // fp32 arithmetic
+      const T* x_n = x + n * G.c * HW;
+      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
         const int64_t kc = std::min(chunk, k - kc0);
-        if (!pack_in_kernel) pack_panel(x + n * G.c * HW, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bpanel);
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (dot) pack_pairs(x_n, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, reinterpret_cast<uint32_t*>(bpanel));
+        }
+        if (!dot && !pack_in_kernel) pack_panel(x_n, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bpanel);
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
           const int m = int(std::min<int64_t>(kMR, r - r0));
           for (int i = 0; i < m; ++i) {
@@ -619,11 +604,20 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
             }
           }
           const float* bias_r = bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr;
+          if constexpr (std::is_same_v<T, c10::BFloat16>) {
+            if (dot) {
+              const uint32_t* a2 = reinterpret_cast<const uint32_t*>(tb.a16.data() + tb.w_off16[g]);
+              (np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>)[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2,
+                                                                reinterpret_cast<const uint32_t*>(bpanel),
+                                                                (kc + 1) / 2, crow, bias_r, kc0 > 0, m0, m1);
+              continue;
+            }
+          }
           if constexpr (kWide) {
             if (pack_in_kernel && r0 == rb0 * kMR) {
-              (np > 16 ? kKernelsPack<2> : kKernelsPack<1>)[m](a_g + r0 * k + kc0, k, x + n * G.c * HW,
-                                                                off + c0 + kc0, tap + c0 + kc0, pn, bpanel, kc, crow,
-                                                                bias_r, kc0 > 0, m0, m1);
+              (np > 16 ? kKernelsPack<2> : kKernelsPack<1>)[m](a_g + r0 * k + kc0, k, x_n, off + c0 + kc0,
+                                                                tap + c0 + kc0, pn, bpanel, kc, crow, bias_r,
+                                                                kc0 > 0, m0, m1);
               continue;
             }
           }

@@ -487,3 +487,26 @@ def test_16_bit_storage_rounds_the_fp32_result_once(
         # rounded to nearest (even): equal to the rounded fp32 result except where the summation order
         # moves a value across a rounding boundary (~1e-4 of values); truncation would miss half of them
         assert int((got != expected.to(dtype)).sum()) <= max(1, expected.numel() // 100)
+
+
+@pytest.mark.skipif(not _gather_kernel_runs_16_bit(), reason="needs the AVX-512 kernel with BW/VL (x86-64)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bf16_dot", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])  # stride 2: lanes read one by one
+def test_16_bit_long_odd_k_accumulates_over_chunks(dtype: torch.dtype, bf16_dot: bool, stride: int) -> None:
+    """685 kept columns per group: two k chunks (bf16 dot products: even chunks of column pairs, the
+    last pair half padding), fp32 partial sums carried across chunks and rounded once at the end."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(1, 160, 7, 12, generator=gen).to(dtype)
+    dense = torch.randn(26, 80, 3, 3, generator=gen).to(dtype)
+    bias = torch.randn(26, generator=gen).to(dtype)
+    ri, rp, ci, cp = layout(26, 80, 3, 3, 2, 0.7, 0.9514, 2)
+    assert [int(v) for v in cp[1:] - cp[:-1]] == [685, 685]
+    wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
+    masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, 26, 80, (3, 3))
+    expected = F.conv2d(x.double(), masked.double(), bias.double(), stride, 1, 1, 2)
+    with _gemm_env("gather"), _env("SSL_LIGHTNING_BF16_DOT", "1" if bf16_dot else "0"):
+        got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (stride, stride), (1, 1), (1, 1), 2, 26)
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    err = (got.double() - expected).abs()
+    assert bool((err <= 2 * u * expected.abs() + 1e-4 * expected.abs().max()).all())
