@@ -576,6 +576,10 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       float* const ctile = kWide ? nullptr : aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
       // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
       auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
+      // the output row of kept filter r0 + i of group g (its own channel, or its place in the kept list)
+      auto out_row = [&](int64_t r0, int i) {
+        return out_n + (compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i]) * P;
+      };
       // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
       // for every row block (equal: no short last chunk that pays a full C load / store for a few columns).
       // The bf16 dot path multiplies column pairs: its chunks are even (kKC / 2 pairs of 32 lanes, the same
@@ -597,8 +601,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
           const int m = int(std::min<int64_t>(kMR, r - r0));
           for (int i = 0; i < m; ++i) {
             if constexpr (kWide) {
-              const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
-              crow[i] = out_n + row * P;
+              crow[i] = out_row(r0, i);
             } else {
               crow[i] = tile_row(r0, i);
             }
@@ -627,10 +630,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       if constexpr (!kWide) {
         for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
           const int m = int(std::min<int64_t>(kMR, r - r0));
-          for (int i = 0; i < m; ++i) {
-            const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
-            orow[i] = out_n + row * P;
-          }
+          for (int i = 0; i < m; ++i) orow[i] = out_row(r0, i);
           store_rows(tile_row(r0, 0), m, orow, m0, m1);
         }
       }
