@@ -7,6 +7,7 @@
 // separate concatenation pass. The schema lives in ops.cpp (the single TORCH_LIBRARY block).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "compact_conv_args.h"
@@ -131,17 +132,19 @@ void lower_tile(const scalar_t* x, const int64_t* cols, int64_t k, int64_t group
 
 }  // namespace
 
-at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
+at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx_arg,
                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                               int64_t groups, int64_t out_channels, bool compact_output) {
-  const ConvGeometry G = check_compact_conv2d_args(input, weight, row_idx, row_ptr, col_idx, col_ptr, bias,
-                                                   kernel_size, stride, padding, dilation, groups, out_channels);
-  const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
-  const int64_t* cpp = col_ptr.const_data_ptr<int64_t>();
+  const IndexLists idx = host_index_lists(row_idx_arg, row_ptr, col_idx, col_ptr, input.device());
+  const ConvGeometry G = check_compact_conv2d_args(input, weight, idx, bias, kernel_size, stride, padding, dilation,
+                                                   groups, out_channels);
+  const at::Tensor& row_idx = idx.row_idx;
+  const int64_t* rp = idx.row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cpp = idx.col_ptr.const_data_ptr<int64_t>();
   const int64_t* ri = row_idx.const_data_ptr<int64_t>();
-  const int64_t* ci = col_idx.const_data_ptr<int64_t>();
+  const int64_t* ci = idx.col_idx.const_data_ptr<int64_t>();
 
   const at::Tensor x = input.contiguous();
   const int64_t P = G.ho * G.wo;
@@ -243,7 +246,12 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     };
     const int64_t panel_elems = std::max<int64_t>(1, kmax * tile_rows * G.wo);
     if (per_item_tasks) {
+      // ATen ops run on the pool's threads: give them the caller's thread-local state (below the autograd
+      // dispatch keys, grad mode, inference mode), else an input that requires grad makes mm_out refuse
+      // to run and bias gathers record autograd graphs.
+      const at::ThreadLocalState caller_state;
       at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        const at::ThreadLocalStateGuard state_guard(caller_state);
         at::Tensor panel = at::empty({panel_elems}, x.options());
         for (int64_t i = i0; i < i1; ++i) run_item(i, false, panel);
       });
@@ -287,12 +295,14 @@ void col2im_tile(const scalar_t* gl, const int64_t* cols, int64_t k, int64_t gro
 // Gradients of compact_conv2d with respect to the input and the packed weight, computed on the kept
 // rows and columns only: grad_W_g = dY_g @ L_g^T, grad_L_g = W_g^T @ dY_g scattered back by col2im.
 std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
-    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr, at::IntArrayRef kernel_size,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
-    bool compact_output, std::array<bool, 2> output_mask) {
-  const ConvGeometry G = check_compact_conv2d_args(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt,
-                                                   kernel_size, stride, padding, dilation, groups, out_channels);
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx_arg,
+    const at::Tensor& row_ptr_arg, const at::Tensor& col_idx_arg, const at::Tensor& col_ptr_arg,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, int64_t out_channels, bool compact_output, std::array<bool, 2> output_mask) {
+  const IndexLists idx = host_index_lists(row_idx_arg, row_ptr_arg, col_idx_arg, col_ptr_arg, input.device());
+  const ConvGeometry G = check_compact_conv2d_args(input, weight, idx, std::nullopt, kernel_size, stride, padding,
+                                                   dilation, groups, out_channels);
+  const at::Tensor &row_idx = idx.row_idx, &row_ptr = idx.row_ptr, &col_idx = idx.col_idx, &col_ptr = idx.col_ptr;
   const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&
                   grad_output.size(2) == G.ho && grad_output.size(3) == G.wo,

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace ssl_lightning {
 
@@ -12,16 +13,32 @@ struct ConvGeometry {
   int64_t n, c, h, w, groups, cg, out_channels, og, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
 };
 
-inline void check_index_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), "compact_conv2d: ", name,
-              " must be a 1-D int64 CPU tensor, got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+// The four index lists of a call, as contiguous int64 host tensors (views, expanded or strided lists are
+// copied; contiguous CPU lists are used as they are). Kernels read them through raw pointers only.
+struct IndexLists {
+  at::Tensor row_idx, row_ptr, col_idx, col_ptr;
+};
+
+inline at::Tensor host_index(const at::Tensor& t, const char* name, const at::Device& input_device) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, "compact_conv2d: ", name,
+              " must be a 1-D int64 tensor, got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu() || t.device() == input_device, "compact_conv2d: ", name, " is on ", t.device(),
+              "; index lists must be on the CPU or on the input's device (", input_device, ")");
+  return t.device().is_cpu() ? t.contiguous() : t.to(at::kCPU).contiguous();
 }
+
+inline IndexLists host_index_lists(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                   const at::Tensor& col_ptr, const at::Device& input_device) {
+  return {host_index(row_idx, "row_idx", input_device), host_index(row_ptr, "row_ptr", input_device),
+          host_index(col_idx, "col_idx", input_device), host_index(col_ptr, "col_ptr", input_device)};
+}
+
+// Largest kernel size, stride, padding or dilation accepted: keeps every geometry product below 2^63.
+constexpr int64_t kMaxConvParam = int64_t(1) << 31;
 
 // Validates every argument (clear TORCH_CHECK messages) and returns the convolution geometry.
 inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
-                                              const at::Tensor& row_idx, const at::Tensor& row_ptr,
-                                              const at::Tensor& col_idx, const at::Tensor& col_ptr,
-                                              const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                                              const IndexLists& idx, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
                                               at::IntArrayRef stride, at::IntArrayRef padding,
                                               at::IntArrayRef dilation, int64_t groups, int64_t out_channels) {
   TORCH_CHECK(input.dim() == 4, "compact_conv2d: input must be N x C x H x W, got ", input.dim(), " dims");
@@ -37,10 +54,7 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
   TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0,
               "compact_conv2d: groups (", groups, ") must divide the input channels (", input.size(1),
               ") and out_channels (", out_channels, ")");
-  check_index_tensor(row_idx, "row_idx");
-  check_index_tensor(row_ptr, "row_ptr");
-  check_index_tensor(col_idx, "col_idx");
-  check_index_tensor(col_ptr, "col_ptr");
+  const at::Tensor &row_idx = idx.row_idx, &row_ptr = idx.row_ptr, &col_idx = idx.col_idx, &col_ptr = idx.col_ptr;
   TORCH_CHECK(row_ptr.numel() == groups + 1 && col_ptr.numel() == groups + 1,
               "compact_conv2d: row_ptr and col_ptr need groups + 1 = ", groups + 1, " entries, got ", row_ptr.numel(),
               " and ", col_ptr.numel());
@@ -50,10 +64,19 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
   G.kh = kernel_size[0], G.kw = kernel_size[1], G.sh = stride[0], G.sw = stride[1];
   G.ph = padding[0], G.pw = padding[1], G.dh = dilation[0], G.dw = dilation[1];
   TORCH_CHECK(G.kh > 0 && G.kw > 0 && G.sh > 0 && G.sw > 0 && G.dh > 0 && G.dw > 0 && G.ph >= 0 && G.pw >= 0,
-              "compact_conv2d: kernel_size, stride and dilation must be positive and padding non-negative");
-  G.ho = (G.h + 2 * G.ph - G.dh * (G.kh - 1) - 1) / G.sh + 1;
-  G.wo = (G.w + 2 * G.pw - G.dw * (G.kw - 1) - 1) / G.sw + 1;
-  TORCH_CHECK(G.ho > 0 && G.wo > 0, "compact_conv2d: input ", input.sizes(), " is smaller than the dilated kernel");
+              "compact_conv2d: kernel_size, stride and dilation must be positive and padding non-negative, got "
+              "kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
+  TORCH_CHECK(G.kh <= kMaxConvParam && G.kw <= kMaxConvParam && G.sh <= kMaxConvParam && G.sw <= kMaxConvParam &&
+                  G.dh <= kMaxConvParam && G.dw <= kMaxConvParam && G.ph <= kMaxConvParam && G.pw <= kMaxConvParam,
+              "compact_conv2d: kernel_size, stride, padding and dilation must be at most 2^31, got kernel_size=",
+              kernel_size, ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
+  // Extent of the padded input past the first window; negative: the dilated kernel does not fit (checked
+  // before dividing, since C++ division truncates toward zero and would give one output row).
+  const int64_t span_h = G.h + 2 * G.ph - G.dh * (G.kh - 1) - 1, span_w = G.w + 2 * G.pw - G.dw * (G.kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "compact_conv2d: input ", input.sizes(), " (padded by ", padding,
+              ") is smaller than the dilated kernel ", kernel_size, " (dilation ", dilation, ")");
+  G.ho = span_h / G.sh + 1;
+  G.wo = span_w / G.sw + 1;
 
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = col_ptr.const_data_ptr<int64_t>();
@@ -62,22 +85,33 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
   const int64_t k_total = G.cg * G.kh * G.kw;
   int64_t w_expected = 0;
   TORCH_CHECK(rp[0] == 0 && cp[0] == 0, "compact_conv2d: row_ptr and col_ptr must start at 0");
-  for (int64_t g = 0; g < groups; ++g) {
+  for (int64_t g = 0; g < groups; ++g)
     TORCH_CHECK(rp[g + 1] >= rp[g] && cp[g + 1] >= cp[g], "compact_conv2d: row_ptr and col_ptr must be non-decreasing");
-    w_expected += (rp[g + 1] - rp[g]) * (cp[g + 1] - cp[g]);
-  }
   TORCH_CHECK(rp[groups] == row_idx.numel() && cp[groups] == col_idx.numel(),
               "compact_conv2d: row_ptr/col_ptr end (", rp[groups], ", ", cp[groups],
               ") must equal the number of kept rows/columns (", row_idx.numel(), ", ", col_idx.numel(), ")");
+  for (int64_t g = 0; g < groups; ++g) w_expected += (rp[g + 1] - rp[g]) * (cp[g + 1] - cp[g]);  // bounded now
   TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
               " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
+  // A row (output channel) may be kept once; a column once per group: a repeat would write one output
+  // channel twice or add one input tap twice.
+  std::vector<char> row_seen(G.og, 0), col_seen(k_total, 0);
   for (int64_t g = 0; g < groups; ++g) {
-    for (int64_t r = rp[g]; r < rp[g + 1]; ++r)
+    for (int64_t r = rp[g]; r < rp[g + 1]; ++r) {
       TORCH_CHECK(ri[r] >= g * G.og && ri[r] < (g + 1) * G.og, "compact_conv2d: row index ", ri[r], " of group ", g,
                   " is outside its filters [", g * G.og, ", ", (g + 1) * G.og, ")");
-    for (int64_t k = cp[g]; k < cp[g + 1]; ++k)
+      TORCH_CHECK(!row_seen[ri[r] - g * G.og], "compact_conv2d: row index ", ri[r], " appears twice in row_idx");
+      row_seen[ri[r] - g * G.og] = 1;
+    }
+    for (int64_t k = cp[g]; k < cp[g + 1]; ++k) {
       TORCH_CHECK(ci[k] >= 0 && ci[k] < k_total, "compact_conv2d: column index ", ci[k],
                   " is outside C/groups*KH*KW = ", k_total);
+      TORCH_CHECK(!col_seen[ci[k]], "compact_conv2d: column index ", ci[k], " appears twice in group ", g,
+                  " of col_idx");
+      col_seen[ci[k]] = 1;
+    }
+    for (int64_t r = rp[g]; r < rp[g + 1]; ++r) row_seen[ri[r] - g * G.og] = 0;
+    for (int64_t k = cp[g]; k < cp[g + 1]; ++k) col_seen[ci[k]] = 0;
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_channels && bias->scalar_type() == input.scalar_type() &&

@@ -216,11 +216,14 @@ class CompactConv2d(nn.Module):
             if self.compact_output:
                 return y if bool(self.rows_real.all()) else y[:, self.rows_real]
             shape = (x.shape[0], self.out_channels, y.shape[2], y.shape[3])
-            base = (
-                self.bias.view(1, -1, 1, 1).expand(shape).contiguous() if self.bias is not None else y.new_zeros(shape)
-            )
-            # in place into the bias-filled output: no third full-size tensor (at batch 16 these are MBs, and
-            # each fresh one costs page faults); autograd allows it (contiguous() does not save its output)
+            # A fresh bias-filled output, then the kept channels in place: no third full-size tensor (at batch 16
+            # these are MBs, and each fresh one costs page faults). Never expand(...).contiguous(): with one
+            # output position per channel that is the bias parameter itself, and index_copy_ would overwrite it.
+            if self.bias is None:
+                base = y.new_zeros(shape)
+            else:
+                base = y.new_empty(shape)
+                base.copy_(self.bias.view(1, -1, 1, 1))
             return base.index_copy_(1, self.rows_sel, y)
         conv = cast(nn.Conv2d, self._modules["conv"])
         if conv.padding_mode == "zeros":  # skip one module call and the __getattr__ lookups on the hot path

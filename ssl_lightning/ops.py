@@ -119,9 +119,27 @@ def pack_compact_weight(dense: Tensor, row_idx: Tensor, row_ptr: Tensor, col_idx
 
 
 def _out_hw(h: int, w: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    ho = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
-    return ho, wo
+    """Output size; raises (as the compiled op does) when the dilated kernel does not fit the padded input."""
+    span_h = h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1
+    span_w = w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1
+    if span_h < 0 or span_w < 0:
+        raise RuntimeError(
+            f"compact_conv2d: input of {h} x {w} (padded by {list(padding)}) is smaller than the dilated kernel "
+            f"{list(kernel_size)} (dilation {list(dilation)})"
+        )
+    return span_h // stride[0] + 1, span_w // stride[1] + 1
+
+
+def _check_index_lists(input: Tensor, **lists: Tensor) -> None:
+    """What the compiled op checks of the index lists without reading them (also holds for fake tensors)."""
+    for name, t in lists.items():
+        if t.dim() != 1 or t.dtype != torch.long:
+            raise RuntimeError(f"compact_conv2d: {name} must be a 1-D int64 tensor, got {tuple(t.shape)} {t.dtype}")
+        if t.device.type != "cpu" and t.device != input.device:
+            raise RuntimeError(
+                f"compact_conv2d: {name} is on {t.device}; index lists must be on the CPU or on the input's device "
+                f"({input.device})"
+            )
 
 
 def compact_conv2d_reference(
@@ -222,6 +240,7 @@ if has_compiled_ops():
         input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride, padding, dilation, groups,
         out_channels, compact_output,
     ):  # fmt: skip
+        _check_index_lists(input, row_idx=row_idx, row_ptr=row_ptr, col_idx=col_idx, col_ptr=col_ptr)
         ho, wo = _out_hw(input.shape[2], input.shape[3], kernel_size, stride, padding, dilation)
         rows = row_idx.shape[0] if compact_output else out_channels
         return input.new_empty((input.shape[0], rows, ho, wo))
@@ -260,7 +279,11 @@ if has_compiled_ops():
             compact,
             mask,
         )
-        if inp.device.type == "cpu":  # kept rows/columns only
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, gradient penalties): the reference twin is built from
+            # differentiable torch ops, so second-order gradients flow; the compiled backward has none.
+            grad_in, grad_w = compact_conv2d_backward_reference(*args)
+        elif inp.device.type == "cpu":  # kept rows/columns only
             grad_in, grad_w = torch.ops.ssl_lightning.compact_conv2d_backward(*args)
         else:
             grad_in, grad_w = compact_conv2d_backward_reference(*args)

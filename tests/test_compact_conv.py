@@ -262,7 +262,7 @@ def _bad(**change):  # type: ignore[no-untyped-def]
         ({"row_ptr": torch.tensor([0, 7])}, r"row_ptr and col_ptr need groups \+ 1 = 3 entries, got 2 and 3"),
         ({"groups": 3}, r"groups \(3\) must divide the input channels \(8\)"),
         ({"bias": torch.ones(5)}, r"bias must be 1-D with out_channels = 12 entries"),
-        ({"row_idx": torch.tensor([0, 1, 2], dtype=torch.int32)}, r"row_idx must be a 1-D int64 CPU tensor"),
+        ({"row_idx": torch.tensor([0, 1, 2], dtype=torch.int32)}, r"row_idx must be a 1-D int64 tensor"),
         ({"input": torch.ones(2, 8, 1, 1), "padding": [0, 0]}, r"is smaller than the dilated kernel"),
     ],
 )

@@ -51,25 +51,24 @@ at::Tensor compact_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
   TORCH_CHECK(input.is_cuda(), "compact_conv2d: the CUDA backend needs a CUDA input, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   // The index lists are small: validate and read them on the host.
-  const at::Tensor rp_h = row_ptr.to(at::kCPU).contiguous();
-  const at::Tensor cp_h = col_ptr.to(at::kCPU).contiguous();
-  const at::Tensor ri_h = row_idx.to(at::kCPU).contiguous();
-  const at::Tensor ci_h = col_idx.to(at::kCPU).contiguous();
-  const ConvGeometry G = check_compact_conv2d_args(input, weight, ri_h, rp_h, ci_h, cp_h, bias, kernel_size, stride,
-                                                   padding, dilation, groups, out_channels);
-  const int64_t* rp = rp_h.const_data_ptr<int64_t>();
-  const int64_t* cp = cp_h.const_data_ptr<int64_t>();
+  const IndexLists idx = host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device());
+  const ConvGeometry G = check_compact_conv2d_args(input, weight, idx, bias, kernel_size, stride, padding, dilation,
+                                                   groups, out_channels);
+  const at::Tensor &ri_h = idx.row_idx, &ci_h = idx.col_idx;
+  const int64_t* rp = idx.row_ptr.const_data_ptr<int64_t>();
+  const int64_t* cp = idx.col_ptr.const_data_ptr<int64_t>();
 
   const at::Tensor x = input.contiguous();
   const int64_t N = x.size(0), P = G.ho * G.wo;
-  const at::Tensor row_idx_d = row_idx.to(x.device(), at::kLong);
-  const at::Tensor col_idx_d = col_idx.to(x.device(), at::kLong);
+  const at::Tensor row_idx_d = ri_h.to(x.device());
+  const at::Tensor col_idx_d = ci_h.to(x.device());
   const int64_t out_rows = compact_output ? ri_h.numel() : out_channels;
   at::Tensor out;
   if (compact_output) {
     out = at::empty({N, out_rows, G.ho, G.wo}, x.options());
-  } else if (bias.has_value()) {
-    out = bias->view({1, out_channels, 1, 1}).expand({N, out_channels, G.ho, G.wo}).contiguous();
+  } else if (bias.has_value()) {  // a fresh tensor: expand().contiguous() is the bias itself when N*Ho*Wo == 1
+    out = at::empty({N, out_channels, G.ho, G.wo}, x.options());
+    out.copy_(bias->view({1, out_channels, 1, 1}));
   } else {
     out = at::zeros({N, out_channels, G.ho, G.wo}, x.options());
   }
