@@ -304,17 +304,47 @@ class StructuredSparsity(Callback):
 
         return hook
 
+    def _stop_non_finite(self, trainer: Trainer, what: str) -> None:
+        phase = self.phase(trainer)
+        fix = {
+            "dense": "lower the learning rate",
+            "ssl": "lower the learning rate or λ (lambdas)",
+            "finetune": "lower the learning rate or finetune_lr_factor",
+        }[phase]
+        raise FloatingPointError(
+            f"StructuredSparsity: {what} at step {trainer.global_step} (epoch {trainer.current_epoch}, {phase} "
+            f"phase); training stopped before any checkpoint with non-finite values was written. To fix: {fix}, "
+            "enable gradient clipping (Trainer(gradient_clip_val=...)) or check the input data, then resume from "
+            "the last good checkpoint (Trainer.fit(..., ckpt_path=...))."
+        )
+
+    def _check_finite_weights(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One fused reduction over every floating parameter (a single host sync)."""
+        params = [p.detach() for p in pl_module.parameters() if p.is_floating_point() and p.numel()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            bad = [n for n, p in pl_module.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+            self._stop_non_finite(trainer, f"NaN/inf in parameter(s) {', '.join(bad[:5])}")
+
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1 and not bool(torch.isfinite(loss.detach())):
+            self._stop_non_finite(trainer, f"the training loss is {float(loss)}")
         step = trainer.global_step
         if step != self._last_logged and step % self.log_every_n_steps == 0:
             self._last_logged = step
             self.log_sparsity(trainer, pl_module)
 
     @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # runs while the checkpoint is assembled, before it is written: a NaN model never replaces a good file
+        self._check_finite_weights(trainer, pl_module)
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_finite_weights(trainer, pl_module)
         if trainer.global_step != self._last_logged:
             self._last_logged = trainer.global_step
             self.log_sparsity(trainer, pl_module)

@@ -164,9 +164,28 @@ def compact_with_info(
     if not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be an integer >= 1, got {align!r}")
     inputs = _as_tuple(example_inputs)
-    original = model
-    was_training = original.training
+    was_training = model.training
+    try:
+        return _compact_in_eval(model, inputs, measure, align, channels, shapes, verify, rtol, atol, was_training)
+    finally:
+        model.train(was_training)  # also when compaction fails: the caller's model is left as it was given
+
+
+def _compact_in_eval(
+    original: nn.Module,
+    inputs: tuple[Tensor, ...],
+    measure: bool,
+    align: int,
+    channels: bool,
+    shapes: bool,
+    verify: bool,
+    rtol: float,
+    atol: float,
+    was_training: bool,
+) -> CompactionResult:
     original.eval()
+    if verify:
+        _check_finite(_outputs(original, inputs), "the model's output on the example inputs")
     new = copy.deepcopy(original).eval()
     plan = ChannelPlan()
     depth: list[dict[str, Any]] = []
@@ -223,9 +242,29 @@ def compact_with_info(
         touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
         order = [n for n, _ in original.named_modules() if n in touched]
         result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
-    original.train(was_training)
     new.train(was_training)  # same mode as the model given (a compacted model is trained on like the original)
     return result
+
+
+def _check_finite(outputs: Sequence[Tensor], what: str) -> None:
+    """Equivalence cannot be checked on NaN / inf (every comparison with NaN is false)."""
+    for t in outputs:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CompactionError(
+                f"compact: {what} has {bad} non-finite values (NaN/inf), so the compacted model cannot be verified; "
+                "check the trained weights (torch.isfinite) and the example inputs, or pass verify=False to skip "
+                "the check"
+            )
+
+
+def _max_error(want: Tensor, have: Tensor) -> float:
+    """Largest |want - have|, inf where either is non-finite and they differ (NaN never compares as equal)."""
+    if not want.numel():
+        return 0.0
+    diff = (want - have).abs()
+    same = (want == have) | (want.isnan() & have.isnan())  # equal infinities give NaN differences
+    return float(torch.where(same, torch.zeros_like(diff), diff.nan_to_num(nan=float("inf"))).max())
 
 
 def _verify(
@@ -244,7 +283,7 @@ def _verify(
         for x, y in zip(a, b, strict=False):
             if x.shape != y.shape:
                 continue
-            err = float((x - y).abs().max()) if x.numel() else 0.0
+            err = _max_error(x, y)
             worst = max(worst, err)
             scale = float(x.abs().max()) if x.numel() else 0.0
             bad = bad or err > atol + rtol * scale
@@ -256,7 +295,7 @@ def _verify(
                 if want is not None and name in out_keep:  # compare the channels that were kept
                     want = want[:, out_keep[name]]
                 if want is not None and have is not None and want.shape == have.shape:
-                    err = float((want - have).abs().max())
+                    err = _max_error(want, have)
                     if err > atol + rtol * float(want.abs().max()):
                         raise CompactionError(f"compacted layer {name} differs from the original by {err:.3g}")
             raise CompactionError(

@@ -153,3 +153,100 @@ def test_double_backward_through_the_fused_op(compact_output: bool) -> None:
     (gx,) = torch.autograd.grad(f(x, wc, b).square().sum(), x, create_graph=True)
     (gw,) = torch.autograd.grad(gx.square().sum(), wc)
     assert gw.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- defect 6
+class _TwoConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_compact_refuses_to_verify_non_finite_outputs_and_keeps_train_mode(bad: float) -> None:
+    from ssl_lightning import CompactionError, compact
+
+    model = _TwoConvs().train()
+    with torch.no_grad():
+        model.conv1.weight[4:] = 0
+        model.conv2.bias[0] = bad
+    with pytest.raises(CompactionError, match="non-finite values"):
+        compact(model, torch.randn(2, 3, 8, 8), measure=False)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_compact_failure_leaves_the_model_in_the_mode_it_was_given() -> None:
+    from ssl_lightning import compact
+
+    model = _TwoConvs().train()
+    with pytest.raises(RuntimeError):  # wrong input channels: the model itself fails on the example
+        compact(model, torch.randn(2, 5, 8, 8), measure=False)
+    assert model.training
+
+
+def test_verify_sees_a_compacted_output_that_turns_nan() -> None:
+    from ssl_lightning.compaction import _max_error
+
+    want = torch.tensor([1.0, float("inf"), float("nan")])
+    assert _max_error(want, want.clone()) == 0.0
+    assert _max_error(want, torch.tensor([1.0, float("inf"), 0.0])) == float("inf")
+    assert _max_error(torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])) == float("inf")
+
+
+# ---------------------------------------------------------------------------------------------- defect 7
+def _nan_module(loss_step: int | None = None, weight_step: int | None = None):  # type: ignore[no-untyped-def]
+    from .conftest import Module
+
+    class NanModule(Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spare = nn.Parameter(torch.zeros(2))  # outside the loss: only a weight check can see it
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            loss = super().training_step(batch, batch_idx)
+            if loss_step is not None and self.global_step >= loss_step:
+                loss = loss * float("nan")
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            if weight_step is not None and self.global_step >= weight_step:
+                with torch.no_grad():
+                    self.spare[0] = float("inf")
+
+    return NanModule()  # the loss becomes NaN (or a weight inf) from the given step on
+
+
+@pytest.mark.parametrize(
+    ("loss_step", "weight_step", "phase"),
+    [
+        (3, None, r"dense phase\); training stopped before any checkpoint"),
+        (7, None, r"group norm\(s\) of net\.\w+:filter are NaN/inf"),  # the SSL step's own check comes first
+        (13, None, r"finetune phase\); training stopped before any checkpoint"),
+        (None, 13, r"NaN/inf in parameter\(s\) spare at step \d+ .* finetune phase"),
+        (None, 3, r"NaN/inf in parameter\(s\) spare at step \d+ .* dense phase"),
+    ],
+)
+def test_non_finite_values_stop_training_in_every_phase_and_keep_the_last_good_checkpoint(
+    tmp_path, loss_step: int | None, weight_step: int | None, phase: str
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ssl_lightning import StructuredSparsity
+
+    from .conftest import loader, trainer
+
+    # 4 steps per epoch: dense epoch 0-1 (steps 0-7), ssl epoch 2 (8-11)... with ssl at [1, 3)
+    cb = StructuredSparsity({"filter": 0.01}, phases={"dense": [0, 1], "ssl": [1, 3], "finetune": [3, None]})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=-1)
+    t = trainer(tmp_path, max_epochs=5, callbacks=[cb, ckpt], enable_checkpointing=True)
+    with pytest.raises(FloatingPointError, match=phase):
+        t.fit(_nan_module(loss_step, weight_step), loader(n=64, batch=16))
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved, "checkpoints before the NaN were written"
+    for path in saved:
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
