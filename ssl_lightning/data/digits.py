@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_lightning.data.sampling import train_loader
 from ssl_lightning.data.split import stratified_split
 
 
@@ -28,8 +29,7 @@ class Digits8x8DataModule(pl.LightningDataModule):
         self.train_set, self.val_set = TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va])
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=g, num_workers=self.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, 512, num_workers=self.num_workers)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ssl_lightning.data.sampling import train_loader
 from ssl_lightning.data.split import stratified_split
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -57,8 +58,7 @@ class MNIST5kDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(images[va], labels[va])
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, generator=g, num_workers=self.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, 500, num_workers=self.num_workers)

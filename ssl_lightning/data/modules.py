@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ssl_lightning.data.formats import ImageFolderDataset, load_cifar, load_mnist_idx
+from ssl_lightning.data.sampling import epoch_seed, train_loader
 
 __all__ = ["CIFARDataModule", "ImageFolderDataModule", "MNISTDataModule"]
 
@@ -21,19 +22,25 @@ CIFAR_STATS = {
 
 
 class _Augmented(Dataset[tuple[Tensor, Tensor]]):
-    """CIFAR training augmentation: 4-pixel zero padding + random 32x32 crop, random horizontal flip."""
+    """CIFAR training augmentation: 4-pixel zero padding + random 32x32 crop, random horizontal flip.
 
-    def __init__(self, images: Tensor, labels: Tensor, pad: int = 4) -> None:
-        self.images, self.labels, self.pad = images, labels, pad
+    Indexed by the keys of a keyed :class:`~ssl_lightning.data.sampling.EpochShuffleSampler`
+    (``epoch * n + i``): each draw is seeded by (seed, key), so a resumed run replays the same augmentations,
+    whatever the worker processes or the global RNG do."""
+
+    def __init__(self, images: Tensor, labels: Tensor, pad: int = 4, seed: int = 0) -> None:
+        self.images, self.labels, self.pad, self.seed = images, labels, pad, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: int) -> tuple[Tensor, Tensor]:
+        i = key % len(self.images)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, key))
         x = F.pad(self.images[i], (self.pad,) * 4)
-        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,)))
+        top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,), generator=g))
         x = x[:, top : top + 32, left : left + 32]
-        if torch.rand(()) < 0.5:
+        if torch.rand((), generator=g) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
 
@@ -41,9 +48,9 @@ class _Augmented(Dataset[tuple[Tensor, Tensor]]):
 class MNISTDataModule(pl.LightningDataModule):
     """MNIST IDX files in ``root`` (train / t10k, optionally gzipped); validation = the t10k split."""
 
-    def __init__(self, root: str | Path, batch_size: int = 64, num_workers: int = 0) -> None:
+    def __init__(self, root: str | Path, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
-        self.root, self.batch_size, self.num_workers = Path(root), batch_size, num_workers
+        self.root, self.batch_size, self.num_workers, self.seed = Path(root), batch_size, num_workers, seed
 
     def setup(self, stage: str | None = None) -> None:
         norm = lambda x: (x - 0.1307) / 0.3081  # noqa: E731
@@ -53,7 +60,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(norm(x), y)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, 500, num_workers=self.num_workers)
@@ -63,9 +70,16 @@ class CIFARDataModule(pl.LightningDataModule):
     """CIFAR-10/100 python batches in ``root``; normalized; pad-4 crop + flip on the training split."""
 
     def __init__(
-        self, root: str | Path, num_classes: int = 10, batch_size: int = 128, augment: bool = True, num_workers: int = 0
+        self,
+        root: str | Path,
+        num_classes: int = 10,
+        batch_size: int = 128,
+        augment: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = seed
         if num_classes not in CIFAR_STATS:
             raise ValueError(f"num_classes must be 10 or 100, got {num_classes}")
         self.root, self.num_classes = Path(root), num_classes
@@ -78,11 +92,11 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         x, y = self._normalized(train=True)
-        self.train_set: Dataset = _Augmented(x, y) if self.augment else TensorDataset(x, y)
+        self.train_set: Dataset = _Augmented(x, y, seed=self.seed) if self.augment else TensorDataset(x, y)
         self.val_set = TensorDataset(*self._normalized(train=False))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.num_workers, keyed=self.augment)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, 500, num_workers=self.num_workers)
@@ -91,9 +105,12 @@ class CIFARDataModule(pl.LightningDataModule):
 class ImageFolderDataModule(pl.LightningDataModule):
     """An ImageNet-style tree: ``root/train/<class>/*`` and ``root/val/<class>/*``, images resized to ``size``."""
 
-    def __init__(self, root: str | Path, size: int = 227, batch_size: int = 64, num_workers: int = 0) -> None:
+    def __init__(
+        self, root: str | Path, size: int = 227, batch_size: int = 64, num_workers: int = 0, seed: int = 0
+    ) -> None:
         super().__init__()
         self.root, self.size, self.batch_size, self.num_workers = Path(root), size, batch_size, num_workers
+        self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = ImageFolderDataset(self.root / "train", self.size)
@@ -105,7 +122,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return train_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, self.batch_size, num_workers=self.num_workers)

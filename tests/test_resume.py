@@ -1,0 +1,65 @@
+"""Crash and resume: a SIGKILLed training resumed from its last checkpoint ends with the same masks and weights
+as an uninterrupted one (built-in data module, shuffling on); a kill while a checkpoint is being written
+leaves the previous checkpoint loadable. Each run is a separate process (``resume_job.py``)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+JOB = Path(__file__).with_name("resume_job.py")
+
+
+def run_job(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(JOB), str(out), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = run_job(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "final.pt")
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["masks"].keys() == b["masks"].keys() and a["masks"]
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+@pytest.mark.parametrize(("step", "phase"), [(22, "ssl"), (28, "finetune")])
+def test_sigkill_then_resume_gives_the_uninterrupted_result(
+    tmp_path: Path, uninterrupted: dict, step: int, phase: str
+) -> None:
+    killed = run_job(tmp_path, "--kill-at-step", str(step))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "final.pt").exists()
+    resumed = run_job(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = torch.load(tmp_path / "final.pt")
+    assert_same_run(uninterrupted, result)
+    kept = sum(int(m.sum()) for m in result["masks"].values())
+    assert 0 < kept < sum(m.numel() for m in result["masks"].values())  # the run did prune
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    # writes: epoch 0 file, last.ckpt, epoch 1 file, last.ckpt (4th: killed halfway)
+    killed = run_job(tmp_path, "--kill-in-checkpoint-write", "4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 8  # the previous, complete checkpoint
+    resumed = run_job(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(uninterrupted, torch.load(tmp_path / "final.pt"))
