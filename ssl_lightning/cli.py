@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -21,9 +23,11 @@ from lightning.pytorch.cli import LightningCLI
 from ssl_lightning.models import ImageClassifier
 
 # Parse errors raise (argparse.ArgumentError) instead of printing the whole usage; main() prints one line.
+# No abbreviations: a misspelt option (--trainer.max_epoch) must be an error, not a silent prefix match.
+STRICT_PARSER: dict[str, Any] = {"exit_on_error": False, "allow_abbrev": False}
 PARSER_KWARGS: dict[str, Any] = {
-    "exit_on_error": False,
-    **{cmd: {"exit_on_error": False} for cmd in ("fit", "validate", "test", "predict")},
+    **STRICT_PARSER,
+    **{cmd: dict(STRICT_PARSER) for cmd in ("fit", "validate", "test", "predict")},
 }
 
 
@@ -40,6 +44,70 @@ def cli(args: list[str] | None = None) -> LightningCLI:
 
 # Errors a user fixes in the recipe or on the command line: one line, exit code 2, no stack trace.
 _USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError, argparse.ArgumentError)
+
+
+def check_recipe(path: str) -> None:
+    """A recipe / ``--config`` must be an existing YAML file holding a mapping (model, data, trainer, ...)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"recipe {path!r} does not exist (expected a YAML file, e.g. recipes/*.yaml)")
+    try:
+        content = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ValueError(f"recipe {path!r} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(content, dict) or not content:
+        raise ValueError(
+            f"recipe {path!r} is {'empty' if content is None else f'a YAML {type(content).__name__}'}; a recipe is a "
+            "YAML mapping with model / data / trainer keys (see recipes/README.md)"
+        )
+
+
+def check_checkpoint(path: str) -> None:
+    """``--ckpt_path`` must name a ``torch.save`` file (a zip archive); 'last' / 'best' / 'hpc' are Lightning's."""
+    if path in ("last", "best", "hpc", "registry"):
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path!r} does not exist (expected a Lightning .ckpt file)")
+    if not zipfile.is_zipfile(file):
+        raise ValueError(
+            f"--ckpt_path {path!r} is not a PyTorch checkpoint (torch.save writes a zip archive; this file is not "
+            "one): give a .ckpt written by Trainer / ModelCheckpoint"
+        )
+
+
+def _check_arguments(argv: list[str]) -> None:
+    """Checks LightningCLI would report without the reason (a recipe that is empty, a checkpoint that is not)."""
+    for i, arg in enumerate(argv):
+        name, _, inline = arg.partition("=")
+        value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
+        if name in ("--config", "-c") and value:
+            check_recipe(value)
+        elif name == "--ckpt_path" and value:
+            check_checkpoint(value)
+
+
+def _user_message(err: BaseException) -> str:
+    """One line for the user. jsonargparse wraps a callback's or data module's own error (which names the
+    argument, the value and what is allowed) in 'Does not validate against any of the Union subtypes': there
+    the innermost user error of the chain is the reason. A parser error spans lines (key, then the problem):
+    they are joined; any other error gives its first line."""
+    best = err
+    if "Union subtypes" in str(err):
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, _USER_ERRORS) and "Union subtypes" not in str(cause):
+                best = cause
+            cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    text = str(best.args[0]) if isinstance(best, KeyError) and best.args else str(best).strip()
+    if isinstance(best, argparse.ArgumentError):
+        return " ".join(text.split())
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(best).__name__
 
 
 def _pop_option(argv: list[str], name: str, nargs: str = "1") -> list[str] | None:
@@ -67,6 +135,8 @@ def _pipeline(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1].startswith("--"):
         raise ValueError(f"usage: ssl-lightning {command} RECIPE [options] [--key value ...]")
     recipe, rest = argv[1], argv[2:]
+    check_recipe(recipe)
+    _check_arguments(rest)
     out = _pop_option(rest, "--out")
     if command == "run":
         baseline = _pop_option(rest, "--baseline", "0") is not None
@@ -91,16 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in ("run", "sweep"):
             _pipeline(argv)
         else:
+            _check_arguments(argv)
             cli(None if argv == sys.argv[1:] else argv)  # None: LightningCLI reads sys.argv itself (no warning)
     except _USER_ERRORS as err:
         if verbose:
             raise
-        text = str(err).strip()
-        # A parser error spans lines (key, then the problem): join them; other errors: the first line.
-        msg = (
-            " ".join(text.split()) if isinstance(err, argparse.ArgumentError) else text.splitlines()[0] if text else ""
-        )
-        msg = msg or type(err).__name__
+        msg = _user_message(err)
         print(f"ssl-lightning: error: {msg} (run with --verbose for the stack trace)", file=sys.stderr)
         raise SystemExit(2) from None
 

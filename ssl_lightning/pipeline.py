@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
 from ssl_lightning.callback import StructuredSparsity
+from ssl_lightning.cli import STRICT_PARSER, check_recipe
 from ssl_lightning.compaction import compact_with_info
 from ssl_lightning.models import ImageClassifier
 from ssl_lightning.report import (
@@ -69,9 +70,21 @@ def _build(recipe: str, overrides: list[str]) -> LightningCLI:
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs=STRICT_PARSER,
         args=["--config", recipe, *overrides],
     )
+
+
+def _out_dir(path: str | Path) -> Path:
+    """The output directory, created; a clear error when the path is a file or cannot be created."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} cannot be created: {err.strerror or err}") from None
+    return out
 
 
 def _ssl_callback(trainer: pl.Trainer, recipe: str) -> StructuredSparsity:
@@ -134,8 +147,9 @@ def run(
 ) -> RunResult:
     """Run the whole pipeline for ``recipe`` (a LightningCLI YAML) and write the report; returns the figures."""
     overrides = list(overrides or [])
-    if not Path(recipe).is_file():
-        raise FileNotFoundError(f"recipe {recipe!r} does not exist (expected a YAML file, e.g. recipes/*.yaml)")
+    check_recipe(recipe)
+    if out_dir:
+        _out_dir(out_dir)  # before training: a bad --out must not cost the run
     t0 = time.perf_counter()
     baseline_acc = None
     if baseline:  # same recipe, same seed, without the SSL callback
@@ -152,8 +166,7 @@ def run(
     if not isinstance(model, ImageClassifier):
         raise TypeError(f"run needs an ImageClassifier model, got {type(model).__name__}")
     net = model.model.eval()
-    out = Path(out_dir) if out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "ssl_run"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "ssl_run")
     x = _val_batch(data, 64).to(model.device)
     sparsity = sparsity_report(net, x[:1])
     result = RunResult(out, val_acc, baseline_acc, sparsity)
@@ -233,8 +246,8 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
     against remaining FLOPs; writes ``sweep.csv`` and ``sweep.png`` into ``out_dir`` and returns it."""
     if not lambdas or any(not (lam >= 0) for lam in lambdas):
         raise ValueError(f"--lambda needs one or more values >= 0, got {lambdas}")
-    out = Path(out_dir or "runs/sweep")
-    out.mkdir(parents=True, exist_ok=True)
+    check_recipe(recipe)
+    out = _out_dir(out_dir or "runs/sweep")
     rows = []
     for lam in lambdas:
         cli = _build(recipe, list(overrides or []))

@@ -6,6 +6,8 @@ fake kernel's shape at the edge, and the SSL phase's NaN check, which existed).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,3 +255,131 @@ def test_non_finite_values_stop_training_in_every_phase_and_keep_the_last_good_c
     for path in saved:
         state = torch.load(path, weights_only=False)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
+
+
+# --------------------------------------------------------------------------------------------- defect 10
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "lenet_mnist5k_shapes.yaml")
+QUICK = ["--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from ssl_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("ssl-lightning: error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _recipe(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["fit", "run"])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("shape: 0.07", "bogus: 0.07"), "lambdas: unknown group type 'bogus'; allowed: filter, channel, shape"),
+        (("shape: 0.07", "shape: -0.07"), "lambdas['shape'] must be a finite number >= 0, got -0.07"),
+        (("ssl: [2, 10]", "ssl: [1, 10]"), "phases: dense and ssl overlap (dense ends at 2, ssl starts at 1)"),
+    ],
+)
+def test_recipe_validation_errors_keep_their_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, edit: tuple[str, str], message: str
+) -> None:
+    text = Path(RECIPE).read_text()
+    assert edit[0] in text
+    recipe = _recipe(tmp_path, text.replace(*edit))
+    argv = ["fit", "--config", recipe, *QUICK] if command == "fit" else ["run", recipe, *QUICK]
+    err = _one_line_error(argv, capsys)
+    assert message in err and "Union subtypes" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "is empty; a recipe is a YAML mapping"), ("- 1\n", "is a YAML list"), ("model: [1\n", "is not valid YAML")],
+)
+@pytest.mark.parametrize("command", ["fit", "run"])
+def test_empty_or_malformed_recipes_say_what_a_recipe_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str, command: str
+) -> None:
+    recipe = _recipe(tmp_path, text)
+    argv = ["fit", "--config", recipe] if command == "fit" else ["run", recipe]
+    assert message in _one_line_error(argv, capsys)
+
+
+def test_ckpt_path_that_is_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.ckpt").write_text("hello")
+    err = _one_line_error(["fit", "--config", RECIPE, "--ckpt_path", str(tmp_path / "notes.ckpt")], capsys)
+    assert "is not a PyTorch checkpoint" in err
+
+
+def test_option_abbreviations_are_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _one_line_error(["fit", "--config", RECIPE, "--trainer.max_epoch", "1", *QUICK], capsys)
+    assert "unrecognized arguments: --trainer.max_epoch" in err
+
+
+def test_out_pointing_at_a_file_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    err = _one_line_error(["run", RECIPE, "--out", str(tmp_path / "afile"), *QUICK], capsys)
+    assert "is a file; give a directory" in err
+
+
+def _idx(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"train-images-idx3-ubyte": b"\0\0\x08\x03\0\0"}, "IDX header truncated"),
+        ({"train-images-idx3-ubyte.gz": b"plain bytes"}, "not a complete gzip file"),
+    ],
+)
+def test_malformed_idx_files_are_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], files: dict[str, bytes], message: str
+) -> None:
+    for name, data in files.items():
+        _idx(tmp_path / "mnist" / name, data)
+    argv = ["fit", "--config", RECIPE, "--data", "ssl_lightning.data.MNISTDataModule",
+            "--data.root", str(tmp_path / "mnist"), *QUICK]  # fmt: skip
+    err = _one_line_error(argv, capsys)
+    assert message in err and "mnist" in err
+
+
+@pytest.mark.parametrize(
+    ("size", "label", "message"),
+    [(32, 3, "LeNet cannot take the data's images of shape (1, 32, 32)"), (28, 12, "labels range over 0..12")],
+)
+def test_data_that_does_not_fit_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], size: int, label: int, message: str
+) -> None:
+    import numpy as np
+
+    from .test_data_formats import write_idx
+
+    (tmp_path / "mnist").mkdir()
+    for split in ("train", "t10k"):
+        labels = np.arange(8, dtype=np.uint8) % 10
+        labels[1] = label
+        write_idx(tmp_path / "mnist" / f"{split}-images-idx3-ubyte", np.zeros((8, size, size), np.uint8), gz=False)
+        write_idx(tmp_path / "mnist" / f"{split}-labels-idx1-ubyte", labels, gz=False)
+    argv = ["fit", "--config", RECIPE, "--data", "ssl_lightning.data.MNISTDataModule",
+            "--data.root", str(tmp_path / "mnist"), "--trainer.default_root_dir", str(tmp_path), *QUICK]  # fmt: skip
+    assert message in _one_line_error(argv, capsys)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_bad_label_after_the_first_batch_is_a_clear_error() -> None:
+    from ssl_lightning.models import ImageClassifier, LeNet
+
+    clf = ImageClassifier(LeNet(), num_classes=10)
+    x, y = torch.zeros(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    clf.training_step((x, y), 0)
+    with pytest.raises(ValueError, match=r"a label is outside 0\.\.9"):
+        clf.training_step((x, torch.tensor([1, 2, 3, 11])), 1)

@@ -43,12 +43,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected an IDX file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile, a truncated stream
+            raise ValueError(f"{path}: not a complete gzip file ({err}); give the plain or a whole .gz file") from None
+    else:
+        data = path.read_bytes()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4].hex()}; expected 0000 + type + rank)")
     rank = data[3]
+    if len(data) < 4 + 4 * rank:
+        raise ValueError(
+            f"{path}: IDX header truncated ({len(data)} bytes; rank {rank} needs {4 + 4 * rank} for the sizes)"
+        )
     dims = struct.unpack(f">{rank}I", data[4 : 4 + 4 * rank])
     dtype = _IDX_TYPES[data[2]]
     body = data[4 + 4 * rank :]

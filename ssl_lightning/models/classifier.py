@@ -35,21 +35,58 @@ class ImageClassifier(CompactionCheckpointing, pl.LightningModule):
         self.model = model
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._data_checked = False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def _checked_logits(self, x: Tensor, y: Tensor) -> Tensor:
+        """The logits; on the first batch, data that cannot fit the model is a clear ValueError, not a shape or
+        index error from deep inside the network or the loss."""
+        if self._data_checked:
+            return self(x)
+        num_classes = int(self.hparams["num_classes"])
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(
+                f"labels range over {int(y.min())}..{int(y.max())} but the model has num_classes={num_classes} "
+                f"(labels 0..{num_classes - 1}): set model.num_classes (and the network's output size) to match "
+                "the data, or check the label files"
+            )
+        try:
+            logits = self(x)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{type(self.model).__name__} cannot take the data's images of shape {tuple(x.shape[1:])} "
+                f"({str(err).splitlines()[0]}): choose a network for this input size or resize the data"
+            ) from err
+        if logits.dim() != 2 or logits.shape[1] != num_classes:
+            raise ValueError(
+                f"{type(self.model).__name__} outputs {tuple(logits.shape[1:])} per image but num_classes is "
+                f"{num_classes}: the network's last layer must output num_classes logits"
+            )
+        self._data_checked = True
+        return logits
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        try:
+            return F.cross_entropy(logits, y)
+        except IndexError as err:  # a label past the first batch out of range (CPU; CUDA asserts on the device)
+            raise ValueError(
+                f"a label is outside 0..{logits.shape[1] - 1} ({err}): set model.num_classes to match the data, or "
+                "check the label files"
+            ) from err
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        loss = self._loss(self._checked_logits(x, y), y)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self._checked_logits(x, y)
         self.val_acc(logits, y)
-        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_loss", self._loss(logits, y))
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
