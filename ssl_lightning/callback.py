@@ -43,6 +43,18 @@ def _check_number(arg: str, value: object, *, minimum: float = 0.0, strict: bool
         raise ValueError(f"{arg} must be a finite number {op} {minimum:g}, got {value!r}")
 
 
+def _check_strategy(trainer: Trainer) -> None:
+    """Group norms need whole parameters: strategies that shard them (FSDP, DeepSpeed ZeRO-3, tensor / model
+    parallel) would give each rank the norms of its own shards and different pruning decisions."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "ModelParallel")):
+        raise ValueError(
+            f"StructuredSparsity does not support {name}: it shards parameters, so group norms (and pruning "
+            "decisions) would be computed on shards. Use a single device or strategy='ddp' / 'ddp_spawn' "
+            "(Lightning's DDP keeps whole parameters on every rank; multi-node DDP works the same way)."
+        )
+
+
 class StructuredSparsity(Callback):
     r"""Structured Sparsity Learning (Wen et al., 2016) for any LightningModule with Conv2d / Linear layers.
 
@@ -177,6 +189,7 @@ class StructuredSparsity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _check_strategy(trainer)
         if self.compact_at_end is not None:
             try:
                 pl_module.get_submodule(self.compact_at_end)
@@ -186,7 +199,26 @@ class StructuredSparsity(Callback):
                     f"compact_at_end={self.compact_at_end!r} is not a submodule of {type(pl_module).__name__}; "
                     f"its children are {children}"
                 ) from None
+            self._check_compaction_returns(trainer, pl_module)
         self._set_groups(pl_module, self._build_groups(pl_module, self.lambdas))
+
+    def _check_compaction_returns(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """ddp_spawn / ddp_notebook train in worker processes and hand the main process only a state_dict, which
+        loads into its dense module only if the module can rebuild the compacted structure from it."""
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        from ssl_lightning.compaction import CompactionCheckpointing
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if isinstance(launcher, _MultiProcessingLauncher) and not isinstance(pl_module, CompactionCheckpointing):
+            raise ValueError(
+                f"compact_at_end={self.compact_at_end!r} with a {type(trainer.strategy).__name__} that trains in "
+                "spawned/forked workers: the main process receives only a state_dict, which cannot load into the "
+                f"dense {type(pl_module).__name__}. Mix in ssl_lightning.CompactionCheckpointing "
+                f"(class {type(pl_module).__name__}(CompactionCheckpointing, LightningModule)), which carries the "
+                "compacted structure in the state_dict, or use strategy='ddp', or compact after fit with "
+                "ssl_lightning.compact"
+            )
 
     def _build_groups(self, pl_module: LightningModule, lambdas: Mapping[str, float]) -> list[Group]:
         return build_groups(

@@ -40,6 +40,7 @@ _PLAN_ATTR = "_ssl_lightning_plan"  # depth + channel plan ride on the compacted
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "STATE_DICT_KEY",
     "CompactionCheckpointing",
     "CompactionError",
     "CompactionResult",
@@ -410,13 +411,46 @@ def restore_compaction(root: nn.Module, plans: dict[str, dict[str, Any]]) -> nn.
     return root
 
 
+STATE_DICT_KEY = "_ssl_lightning_compaction"  # state_dict entry of a compacted CompactionCheckpointing module
+
+
 class CompactionCheckpointing:
     """LightningModule mixin: checkpoints carry the compaction plan and loading rebuilds the compacted structure
     first, so ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` work after ``compact``.
 
+    Its ``state_dict()`` also carries the plans (entry ``_ssl_lightning_compaction``, plain data, only once
+    something was compacted), and ``load_state_dict`` rebuilds the structure from it before loading: a
+    compacted state_dict loads into a freshly built, dense module. That is how the main process of
+    ``ddp_spawn`` receives a model compacted in its workers (Lightning sends back only a state_dict).
+
     Use as ``class MyModule(CompactionCheckpointing, LightningModule)``; or call :func:`compaction_plans` /
     :func:`restore_compaction` from your own ``on_save_checkpoint`` / ``on_load_checkpoint``.
     """
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        assert isinstance(self, nn.Module)
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        plans = compaction_plans(self)
+        if plans:
+            destination[prefix + STATE_DICT_KEY] = plans
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        assert isinstance(self, nn.Module)
+        plans = state_dict.pop(prefix + STATE_DICT_KEY, None)
+        if plans is not None:  # before the children load: they must have the compacted shapes
+            restore_compaction(self, plans)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         assert isinstance(self, nn.Module)

@@ -1,37 +1,29 @@
-"""Two CPU processes (gloo, ddp_spawn): every rank takes the same pruning decision and keeps equal weights."""
+"""Distributed training on CPU (gloo): every rank takes the same pruning decision and keeps equal weights; with
+``compact_at_end`` under ``ddp`` and ``ddp_spawn`` the process that called ``fit`` holds the compacted model;
+strategies that shard parameters are refused."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback
 
 from ssl_lightning import StructuredSparsity
 
 from .conftest import Module, loader, trainer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_job import DigestPerRank
 
-class DigestPerRank(Callback):
-    """At the end of training each rank gathers every rank's mask and weight digests and saves them."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        ssl = next(c for c in trainer.callbacks if isinstance(c, StructuredSparsity))
-        masks = torch.cat([m.flatten().float() for _, m in sorted(ssl.masks.items())])
-        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
-        digest = torch.stack(
-            [masks.sum(), torch.tensor(float(masks.numel())), (masks * torch.arange(len(masks))).sum(), weights.sum()]
-        )
-        gathered = trainer.strategy.all_gather(digest)  # [world, 4]
-        torch.save({"gathered": gathered, "pruned": ssl._pruned}, self.out / f"rank{trainer.global_rank}.pt")
+JOB = Path(__file__).with_name("ddp_job.py")
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo ddp_spawn test runs on Linux")
+@linux_only
 def test_ddp_ranks_take_identical_decisions(tmp_path: Path) -> None:
     cb = StructuredSparsity({"filter": 0.2, "shape": 0.2}, phases={"ssl": [0, 2], "finetune": [2, None]})
     t = trainer(
@@ -45,3 +37,40 @@ def test_ddp_ranks_take_identical_decisions(tmp_path: Path) -> None:
         assert g.shape == (2, 4)
         torch.testing.assert_close(g[0], g[1], rtol=0, atol=0)  # same masks, same weights on both ranks
         assert 0 < g[0, 0] < g[0, 1]  # something pruned, something kept
+
+
+@linux_only
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_compact_at_end_reaches_the_process_that_called_fit(tmp_path: Path, strategy: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(JOB), str(tmp_path), strategy], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for saved in ranks:
+        assert saved["pruned"] and saved["world_size"] == 2
+        assert saved["compacted"] == ["net.conv1", "net.conv2"]
+        torch.testing.assert_close(saved["gathered"][0], saved["gathered"][1], rtol=0, atol=0)
+    digest = ranks[0]["gathered"][0]
+    assert 0 < digest[0] < digest[1]  # something pruned, something kept
+    driver = torch.load(tmp_path / "driver.pt")
+    assert driver["compacted"] == ["net.conv1", "net.conv2"]  # the compacted structure, not the dense one
+    assert driver["shapes"]["net.conv1.weight"] != (8, 3, 3, 3)
+    torch.testing.assert_close(driver["output"], ranks[0]["output"], rtol=0, atol=0)  # the trained weights
+
+
+def test_compact_at_end_under_spawn_needs_a_module_that_carries_the_structure(tmp_path: Path) -> None:
+    cb = StructuredSparsity({"filter": 0.1}, compact_at_end="net")
+    t = trainer(tmp_path, strategy="ddp_spawn", devices=2)
+    with pytest.raises(ValueError, match=r"compact_at_end='net' with a DDPStrategy .* Mix in ssl_lightning"):
+        cb.setup(t, Module(), "fit")
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "ModelParallelStrategy"])
+def test_strategies_that_shard_parameters_are_refused(strategy: str) -> None:
+    import lightning.pytorch.strategies as strategies
+
+    cb = StructuredSparsity({"filter": 0.1})
+    fake = SimpleNamespace(strategy=getattr(strategies, strategy).__new__(getattr(strategies, strategy)))
+    with pytest.raises(ValueError, match=rf"does not support {strategy}: it shards parameters"):
+        cb.setup(fake, Module(), "fit")  # type: ignore[arg-type]

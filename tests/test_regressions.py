@@ -383,3 +383,32 @@ def test_a_bad_label_after_the_first_batch_is_a_clear_error() -> None:
     clf.training_step((x, y), 0)
     with pytest.raises(ValueError, match=r"a label is outside 0\.\.9"):
         clf.training_step((x, torch.tensor([1, 2, 3, 11])), 1)
+
+
+# ---------------------------------------------------------------------------------------------- defect 3
+def test_a_compacted_state_dict_loads_into_a_fresh_dense_module() -> None:
+    """What ddp_spawn's main process does with the workers' result (see test_ddp.py for the real run)."""
+    import lightning.pytorch as pl
+
+    from ssl_lightning import CompactionCheckpointing, compact
+    from ssl_lightning.compaction import STATE_DICT_KEY
+
+    class Lit(CompactionCheckpointing, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _TwoConvs()
+
+    trained = Lit()
+    assert STATE_DICT_KEY not in trained.state_dict()  # nothing compacted: the state_dict is the usual one
+    with torch.no_grad():
+        trained.net.conv1.weight[3:] = 0
+        trained.net.conv2.weight[:, :, 0] = 0
+    x = torch.randn(2, 3, 8, 8)
+    trained.net = compact(trained.net, x, measure=False)
+    state = trained.state_dict()
+    assert STATE_DICT_KEY in state
+    fresh = Lit()
+    fresh.load_state_dict(state)  # strict: the structure is rebuilt first
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.net(x), trained.net(x), rtol=0, atol=0)
+    assert type(fresh.net.conv2).__name__ == "CompactConv2d"

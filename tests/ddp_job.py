@@ -1,0 +1,125 @@
+"""Two CPU ranks (gloo) train with SSL, prune, fine-tune and compact at the end; run by ``test_ddp.py``.
+
+    python tests/ddp_job.py OUT_DIR {ddp,ddp_spawn}
+
+Each rank saves ``rank{r}.pt``: every rank's digest of masks and weights (all-gathered, so a rank can be
+compared with the others) and the compacted model's output on a fixed input. The process that called
+``fit`` (the main process of ddp_spawn; rank 0 of ddp, which runs this script itself) saves ``driver.pt``:
+the structure and output of the model it holds after ``fit``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssl_lightning import CompactConv2d, CompactionCheckpointing, StructuredSparsity
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.bn1(self.conv1(x))))), 2)
+        return self.fc(x.flatten(1))
+
+
+class Lit(CompactionCheckpointing, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def probe() -> Tensor:
+    return torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+class DigestPerRank(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # after the compaction
+        ssl = next(c for c in trainer.callbacks if isinstance(c, StructuredSparsity))  # type: ignore[attr-defined]
+        masks = torch.cat([m.flatten().float() for _, m in sorted(ssl.masks.items())])
+        weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        digest = torch.stack(
+            [masks.sum(), torch.tensor(float(masks.numel())), (masks * torch.arange(len(masks))).sum(), weights.sum()]
+        )
+        with torch.no_grad():
+            output = pl_module.eval()(probe())
+        saved = {
+            "gathered": trainer.strategy.all_gather(digest),
+            "output": output,
+            "compacted": [n for n, m in pl_module.named_modules() if isinstance(m, CompactConv2d)],
+            "pruned": ssl._pruned,
+            "world_size": trainer.world_size,
+        }
+        torch.save(saved, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    out, strategy = Path(sys.argv[1]), sys.argv[2]
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    ssl = StructuredSparsity(
+        {"filter": 0.6, "shape": 0.6},
+        layer_lambdas={"net.conv2": 0.8},
+        phases={"dense": [0, 1], "ssl": [1, 3], "finetune": [3, None]},
+        compact_at_end="net",
+        compact_batch=8,
+    )
+    trainer = pl.Trainer(
+        default_root_dir=out,
+        max_epochs=4,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[ssl, DigestPerRank(out)],
+    )
+    model = Lit()
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    if trainer.global_rank == 0:  # the main process of ddp_spawn, rank 0 of ddp
+        with torch.no_grad():
+            output = model.eval()(probe())
+        torch.save(
+            {
+                "output": output,
+                "compacted": [n for n, m in model.named_modules() if isinstance(m, CompactConv2d)],
+                "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, Tensor)},
+            },
+            out / "driver.pt",
+        )
+
+
+if __name__ == "__main__":
+    main()
