@@ -3,6 +3,7 @@
 CPU sources always build. CUDA sources build when torch was built with CUDA and a toolkit is found
 (``CUDA_HOME``); ``SSL_LIGHTNING_CUDA=0`` forces them off, ``=1`` makes a missing toolkit an error.
 ``SSL_LIGHTNING_NO_EXT=1`` skips the extension entirely (the package then runs its PyTorch fallbacks).
+``SSL_LIGHTNING_SANITIZE=1`` builds the CPU sources with AddressSanitizer and UBSan (``.ci/sanitize``).
 Build with ``pip install --no-build-isolation`` so the installed (CPU) torch is used, not a fresh one.
 """
 
@@ -36,6 +37,10 @@ def _extensions() -> tuple[list, dict]:
     # copy torch has already loaded (one OpenMP runtime per process).
     cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
     link = ["-fopenmp"]
+    if os.environ.get("SSL_LIGHTNING_SANITIZE", "0") == "1":  # every read and write checked; slow
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g", "-std=c++17", "-fopenmp", *san]
+        link = ["-fopenmp", *san]
     macros = [("SSL_LIGHTNING_PYTHON_MODULE", None)]
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
