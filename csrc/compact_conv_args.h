@@ -94,24 +94,36 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
   TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
               " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
   // A row (output channel) may be kept once; a column once per group: a repeat would write one output
-  // channel twice or add one input tap twice.
-  std::vector<char> row_seen(G.og, 0), col_seen(k_total, 0);
+  // channel twice or add one input tap twice. Sorted lists (what CompactConv2d builds) are checked by one
+  // comparison per entry on the hot path; only unsorted ones need the seen-flags.
+  bool sorted = true;
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t r = rp[g]; r < rp[g + 1]; ++r) {
       TORCH_CHECK(ri[r] >= g * G.og && ri[r] < (g + 1) * G.og, "compact_conv2d: row index ", ri[r], " of group ", g,
                   " is outside its filters [", g * G.og, ", ", (g + 1) * G.og, ")");
-      TORCH_CHECK(!row_seen[ri[r] - g * G.og], "compact_conv2d: row index ", ri[r], " appears twice in row_idx");
-      row_seen[ri[r] - g * G.og] = 1;
+      sorted = sorted && (r == rp[g] || ri[r] > ri[r - 1]);
     }
     for (int64_t k = cp[g]; k < cp[g + 1]; ++k) {
       TORCH_CHECK(ci[k] >= 0 && ci[k] < k_total, "compact_conv2d: column index ", ci[k],
                   " is outside C/groups*KH*KW = ", k_total);
-      TORCH_CHECK(!col_seen[ci[k]], "compact_conv2d: column index ", ci[k], " appears twice in group ", g,
-                  " of col_idx");
-      col_seen[ci[k]] = 1;
+      sorted = sorted && (k == cp[g] || ci[k] > ci[k - 1]);
     }
-    for (int64_t r = rp[g]; r < rp[g + 1]; ++r) row_seen[ri[r] - g * G.og] = 0;
-    for (int64_t k = cp[g]; k < cp[g + 1]; ++k) col_seen[ci[k]] = 0;
+  }
+  if (!sorted) {
+    std::vector<char> row_seen(G.og, 0), col_seen(k_total, 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t r = rp[g]; r < rp[g + 1]; ++r) {
+        TORCH_CHECK(!row_seen[ri[r] - g * G.og], "compact_conv2d: row index ", ri[r], " appears twice in row_idx");
+        row_seen[ri[r] - g * G.og] = 1;
+      }
+      for (int64_t k = cp[g]; k < cp[g + 1]; ++k) {
+        TORCH_CHECK(!col_seen[ci[k]], "compact_conv2d: column index ", ci[k], " appears twice in group ", g,
+                    " of col_idx");
+        col_seen[ci[k]] = 1;
+      }
+      for (int64_t r = rp[g]; r < rp[g + 1]; ++r) row_seen[ri[r] - g * G.og] = 0;
+      for (int64_t k = cp[g]; k < cp[g + 1]; ++k) col_seen[ci[k]] = 0;
+    }
   }
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_channels && bias->scalar_type() == input.scalar_type() &&

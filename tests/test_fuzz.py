@@ -3,7 +3,7 @@
 Every drawn case is either valid (the op and every module implementation must match the float64 oracle) or
 invalid (the op must raise a clear ``compact_conv2d: ...`` error: never crash, never return garbage).
 CI runs ``FAST`` examples per property; the ``slow`` marker runs ``SLOW`` (``python -m pytest -q -m slow
-tests/test_fuzz.py``, about 10 minutes on 2 cores).
+tests/test_fuzz.py``, about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
