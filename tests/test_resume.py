@@ -63,3 +63,35 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(
     resumed = run_job(tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(uninterrupted, torch.load(tmp_path / "final.pt"))
+
+
+def test_training_order_changes_every_epoch_and_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from ssl_lightning.data.sampling import EpochShuffleSampler, train_loader
+
+    data = TensorDataset(torch.arange(12.0).view(12, 1), torch.zeros(12, dtype=torch.long))
+    seen: list[list[int]] = []
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(1, 2)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(batch[0].flatten().int().tolist())
+            return self.lin(batch[0]).sum()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    pl.Trainer(default_root_dir=tmp_path, max_epochs=3, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(Recorder(), train_loader(data, 12, seed=4))  # fmt: skip
+    assert len(seen) == 3 and all(sorted(order) == list(range(12)) for order in seen)
+    assert seen[0] != seen[1] != seen[2]  # Lightning called set_epoch: a new order each epoch
+    sampler = EpochShuffleSampler(12, seed=4)
+    for epoch, order in enumerate(seen):
+        sampler.set_epoch(epoch)
+        assert list(sampler) == order  # the order is a function of (seed, epoch) alone
