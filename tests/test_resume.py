@@ -95,3 +95,20 @@ def test_training_order_changes_every_epoch_and_is_a_function_of_seed_and_epoch(
     for epoch, order in enumerate(seen):
         sampler.set_epoch(epoch)
         assert list(sampler) == order  # the order is a function of (seed, epoch) alone
+
+
+def test_the_order_is_pytorchs_shuffled_loader_order_at_every_epoch_even_after_a_jump() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ssl_lightning.data.sampling import EpochShuffleSampler
+
+    data = TensorDataset(torch.arange(50))
+    reference = DataLoader(data, 7, shuffle=True, generator=torch.Generator().manual_seed(3))
+    orders = [[int(v) for batch in reference for v in batch[0]] for _ in range(5)]
+    sampler = EpochShuffleSampler(50, seed=3)
+    for epoch in [0, 1, 2, 3, 4, 2, 4]:  # in turn, then back (a resumed run) and forward again
+        sampler.set_epoch(epoch)
+        assert list(sampler) == orders[epoch]
+    keyed = EpochShuffleSampler(50, seed=3, keyed=True)
+    keyed.set_epoch(2)
+    assert list(keyed) == [i + 100 for i in orders[2]]

@@ -1,4 +1,4 @@
-"""The shuffled training order of every built-in DataModule: a pure function of (seed, epoch).
+"""The shuffled training order of every built-in DataModule: a function of (seed, epoch) alone.
 
 ``DataLoader(shuffle=True, generator=g)`` draws each epoch's order from a generator that advances across
 epochs, so a run resumed from a checkpoint (a new generator) replays epoch 0's order. Lightning calls
@@ -11,13 +11,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sized
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = ["EpochShuffleSampler", "train_loader"]
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` seeded by ``(seed, epoch)``.
+    """A permutation of ``range(n)`` that is a function of ``(seed, epoch)``: epoch ``e``'s order is the one
+    ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed))`` gives in its epoch ``e`` (the
+    generator's draws are replayed), so runs keep the order they had with PyTorch's shuffled loader and a
+    resumed run sees the same batches.
 
     keyed: yield ``epoch * n + i`` instead of ``i``, for datasets whose random augmentation is seeded by the
     key (see :class:`~ssl_lightning.data.modules.CIFARDataModule`), so augmentations replay on resume too.
@@ -27,6 +31,7 @@ class EpochShuffleSampler(Sampler[int]):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         self.n, self.seed, self.keyed, self.epoch = n, int(seed), keyed, 0
+        self._drawn: tuple[int, torch.Generator, Tensor] | None = None  # (epoch, generator after it, its order)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -34,12 +39,30 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
+    def _order(self) -> Tensor:
+        """The generator is kept between epochs (O(n) per epoch); after a jump back (or in a resumed run) the
+        draws are replayed from the seed once."""
+        if self._drawn is None or self._drawn[0] > self.epoch:
+            self._drawn = (-1, torch.Generator().manual_seed(self.seed), torch.arange(0))
+        epoch, g, order = self._drawn
+        # per epoch PyTorch's loader draws its workers' base seed, the order, and a second (unused) permutation
+        # for a remainder of num_samples % n = 0 samples
+        while epoch < self.epoch:
+            torch.empty((), dtype=torch.int64).random_(generator=g)
+            order = torch.randperm(self.n, generator=g)
+            torch.randperm(self.n, generator=g)
+            epoch += 1
+        self._drawn = (epoch, g, order)
+        return order
+
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=g)
+        order = self._order()
         if self.keyed:
             order = order + self.epoch * self.n
         return iter(order.tolist())
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_drawn": None}  # a generator does not travel to other processes; redrawn there
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -51,4 +74,6 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int 
     """The shuffled training loader of the built-in DataModules (see the module docstring)."""
     assert isinstance(dataset, Sized)
     sampler = EpochShuffleSampler(len(dataset), seed, keyed=keyed)
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers)
+    # a generator of its own for the workers' base seed: loading never draws from the global RNG
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers, generator=generator)
