@@ -8,11 +8,11 @@ plans (:func:`compaction_plan`, :func:`apply_compaction_plan`) and :class:`Compa
 """
 
 from ssl_lightning.callback import StructuredSparsity
-from ssl_lightning.compact_conv import CompactConv2d
-from ssl_lightning.compact_linear import CompactLinear
 from ssl_lightning.compaction import (
+    CompactConv2d,
     CompactionCheckpointing,
     CompactionError,
+    CompactLinear,
     apply_compaction_plan,
     compact,
     compact_with_info,

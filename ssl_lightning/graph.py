@@ -14,14 +14,15 @@ group, and which residual branches form one depth group.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["ChannelSpace", "GraphAnalysis", "analyze"]
+__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs"]
 
 # Modules and functions that keep dim 1 channel-for-channel.
 _PASS_MODULES: tuple[type[nn.Module], ...] = (
@@ -406,3 +407,19 @@ def analyze(model: nn.Module) -> GraphAnalysis:
             "traceable model; use uncoupled group types or list depth blocks explicitly (depth_blocks=...)."
         ) from err
     return _Analyzer(gm).run()
+
+
+def capture_inputs(
+    model: nn.Module, names: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
+) -> dict[str, list[Tensor]]:
+    """The first positional input each named module receives, once per trial (``run(model, trial)``)."""
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
+    try:
+        for trial in trials:
+            run(model, trial)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

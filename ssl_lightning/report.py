@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssl_lightning.channel_removal import capture_inputs
+from ssl_lightning.graph import capture_inputs
 from ssl_lightning.groups import weight_of
 from ssl_lightning.ops import lowered_nonzero
 from ssl_lightning.timing import interleaved_times

@@ -1,13 +1,16 @@
 """Side-by-side wall-clock timing: the one helper behind every dense-vs-compacted figure (module choice,
-reports, demo, benchmarks), so they all measure the same way, in the allocator's steady state."""
+reports, demo, benchmarks), so they all measure the same way, in the allocator's steady state; and
+:func:`fastest`, the timed choice between implementations of one layer."""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Literal, TypeVar
 
 import torch
+from torch import Tensor, nn
 from torch.utils.benchmark import Timer
 
 K = TypeVar("K")
@@ -70,3 +73,24 @@ def interleaved_times(
             samples[k].append(timers[k].timeit(number[k]).median)
     reduce = min if stat == "min" else statistics.median
     return {k: reduce(v) for k, v in samples.items()}
+
+
+# A candidate replaces the baseline (the first module given to `fastest`) only when it measures at least this
+# much faster: best-of-5 timings of the same F.conv2d still differ by a few percent here, and a close call
+# decided by noise could leave a layer slower than the dense conv it replaces.
+FASTEST_MARGIN = 0.03
+
+
+def fastest(mods: dict[K, nn.Module], x: Tensor, margin: float = FASTEST_MARGIN) -> K:
+    """The key of the module that runs ``x`` fastest: five interleaved rounds of about 20 ms blocks, each
+    module's best block (robust to the machine's load changing meanwhile; see ``interleaved_times``).
+    The first key is the baseline: another key wins only when it is at least ``margin`` faster than it."""
+    if not mods:
+        raise ValueError("fastest needs at least one module to time")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    with torch.inference_mode():
+        best = interleaved_times({k: partial(m, x) for k, m in mods.items()}, 5, block_seconds=0.02, stat="min")
+    baseline = next(iter(mods))
+    winner = min(best, key=best.__getitem__)
+    return winner if best[winner] <= (1.0 - margin) * best[baseline] else baseline

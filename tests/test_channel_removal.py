@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning import compact_with_info
-from ssl_lightning.channel_removal import PaddedFoldConv2d
+from ssl_lightning.compaction.channels import PaddedFoldConv2d
 from ssl_lightning.models import MLP, LeNet, resnet20
 
 
@@ -407,7 +407,7 @@ def test_grouped_convs_keep_equal_channel_counts_per_group_and_fold_per_group() 
 
 
 def test_grouped_conv_plan_with_unequal_groups_is_rejected() -> None:
-    from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan
+    from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan
 
     with pytest.raises(ValueError, match=r"keeps \[4, 2\] channels in its 2 groups; a grouped conv needs the same"):
         apply_channel_plan(GroupedChain(), ChannelPlan(in_keep={"b": [0, 1, 2, 3, 4, 5]}))
@@ -484,7 +484,7 @@ class ConvPoolLRN(nn.Module):
 
 def test_zero_channels_pass_through_lrn_at_their_original_positions(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from ssl_lightning import apply_compaction_plan, compaction_plan
-    from ssl_lightning.channel_removal import SparseChannelLRN
+    from ssl_lightning.compaction.channels import SparseChannelLRN
 
     torch.manual_seed(12)
     m = ConvPoolLRN()
@@ -533,7 +533,7 @@ def test_nonzero_ignored_channel_and_functional_lrn_keep_their_channels() -> Non
 
 
 def test_plan_naming_a_non_lrn_module_as_sparse_lrn_is_rejected() -> None:
-    from ssl_lightning.channel_removal import ChannelPlan, apply_channel_plan
+    from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan
 
     plan = ChannelPlan(out_keep={"conv2": [0, 1]}, sparse_lrn={"conv2": 6})
     with pytest.raises(ValueError, match=r"makes 'conv2' a SparseChannelLRN, but it is Conv2d"):

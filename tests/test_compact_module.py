@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ssl_lightning import CompactConv2d
-from ssl_lightning.compact_conv import fastest
+from ssl_lightning.timing import fastest
 
 
 def sparse_conv(
@@ -181,11 +181,12 @@ def test_rows_full_width_output_trains_like_the_source_conv() -> None:
 
 
 def test_measured_choice_times_rows_only_when_enough_filters_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ssl_lightning.compact_conv as cc
+    import ssl_lightning.compaction.layers as cc
+    from ssl_lightning.timing import FASTEST_MARGIN
 
     timed: list[list[str]] = []
 
-    def record(mods, x, margin=cc.FASTEST_MARGIN):  # type: ignore[no-untyped-def]
+    def record(mods, x, margin=FASTEST_MARGIN):  # type: ignore[no-untyped-def]
         timed.append(list(mods))
         return next(iter(mods))
 

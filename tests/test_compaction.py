@@ -113,3 +113,24 @@ def test_compacted_model_round_trips_through_state_dict_and_plan(tmp_path) -> No
         apply_compaction_plan(resnet20(), {"version": 2, "convs": {"fc": next(iter(plan["convs"].values()))}})
     with pytest.raises(ValueError, match=r"version 7 is not supported"):
         apply_compaction_plan(resnet20(), {"version": 7})
+
+
+def test_models_pickled_whole_with_the_former_module_paths_still_load() -> None:
+    import pickle
+
+    from ssl_lightning import CompactLinear
+
+    conv, linear = nn.Conv2d(3, 4, 3), nn.Linear(16, 2)
+    with torch.no_grad():
+        conv.weight[:2] = 0
+        linear.weight[:, :5] = 0
+    model = nn.Sequential(CompactConv2d.from_conv(conv, impl="fused"), nn.Flatten(), CompactLinear.from_linear(linear))
+    data = pickle.dumps(model, protocol=2)  # protocol 2 names a class as text: b"module\nname\n"
+    for name, former in (("CompactConv2d", "compact_conv"), ("CompactLinear", "compact_linear")):
+        now = f"ssl_lightning.compaction.layers\n{name}\n".encode()
+        assert now in data
+        data = data.replace(now, f"ssl_lightning.{former}\n{name}\n".encode())  # as an earlier release wrote it
+    restored = pickle.loads(data)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x))

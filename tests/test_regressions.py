@@ -194,7 +194,7 @@ def test_compact_failure_leaves_the_model_in_the_mode_it_was_given() -> None:
 
 
 def test_verify_sees_a_compacted_output_that_turns_nan() -> None:
-    from ssl_lightning.compaction import _max_error
+    from ssl_lightning.compaction.stages import _max_error
 
     want = torch.tensor([1.0, float("inf"), float("nan")])
     assert _max_error(want, want.clone()) == 0.0

@@ -1,0 +1,56 @@
+"""Compaction: turn learned zero groups into a smaller, faster model, equivalence-checked.
+
+Stages, on a deep copy of the model (the original is untouched), in :mod:`~ssl_lightning.compaction.stages`:
+
+0. depth removal (:mod:`~ssl_lightning.compaction.depth`): a residual branch whose weights are all zero is
+   cut out of its block, its constant output kept as a per-channel buffer;
+1. channel removal (:mod:`~ssl_lightning.compaction.channels`): channels that every consumer ignores or that
+   are a foldable constant are sliced out of their producers, BN / depthwise / PReLU layers and consumers,
+   across residual adds, concatenations and flatten→Linear, with the constants folded into the consumers'
+   biases;
+2. every remaining ``nn.Conv2d`` whose lowered weight still has all-zero rows (filters) or columns
+   (filter-shape fibers) becomes a drop-in :class:`CompactConv2d` (full-width output), and every
+   ``nn.Linear`` with all-zero input columns a :class:`CompactLinear`
+   (:mod:`~ssl_lightning.compaction.layers`), unless the dense layer measures as fast on the layer's input.
+
+The result is checked against the original on the example and random inputs; a mismatch raises
+:class:`CompactionError` naming the first layer that differs. :mod:`~ssl_lightning.compaction.plans` saves and
+re-applies the structure (plans, the checkpoint mixin); :mod:`~ssl_lightning.compaction.optim_state` carries
+optimizer state through a compaction.
+"""
+
+from ssl_lightning.compaction.channels import ChannelPlan, PaddedFoldConv2d, SparseChannelLRN
+from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
+from ssl_lightning.compaction.optim_state import transfer_optimizer_state
+from ssl_lightning.compaction.plans import (
+    CHECKPOINT_KEY,
+    PLAN_VERSION,
+    STATE_DICT_KEY,
+    CompactionCheckpointing,
+    apply_compaction_plan,
+    compaction_plan,
+    compaction_plans,
+    restore_compaction,
+)
+from ssl_lightning.compaction.stages import CompactionError, CompactionResult, compact, compact_with_info
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "PLAN_VERSION",
+    "STATE_DICT_KEY",
+    "ChannelPlan",
+    "CompactConv2d",
+    "CompactLinear",
+    "CompactionCheckpointing",
+    "CompactionError",
+    "CompactionResult",
+    "PaddedFoldConv2d",
+    "SparseChannelLRN",
+    "apply_compaction_plan",
+    "compact",
+    "compact_with_info",
+    "compaction_plan",
+    "compaction_plans",
+    "restore_compaction",
+    "transfer_optimizer_state",
+]

@@ -1,0 +1,275 @@
+"""The compaction stages (depth, channels, compacted layers) on a copy of the model, and the check that the
+result computes what the original does (see the package docstring)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan, plan_channel_removal
+from ssl_lightning.compaction.depth import plan_and_remove_depth
+from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
+from ssl_lightning.compaction.plans import PLAN_ATTR
+from ssl_lightning.graph import capture_inputs
+from ssl_lightning.ops import lowered_nonzero
+
+__all__ = ["CompactionError", "CompactionResult", "compact", "compact_with_info"]
+
+
+class CompactionError(RuntimeError):
+    """The compacted model does not reproduce the original; names the first layer that differs."""
+
+
+@dataclass
+class CompactionResult:
+    model: nn.Module
+    replaced: dict[str, str] = field(default_factory=dict)  # layer name -> implementation chosen
+    kept_dense: list[str] = field(default_factory=list)  # sparse layers where the dense conv was fastest
+    channels: ChannelPlan = field(default_factory=ChannelPlan)  # channels removed per module
+    depth: list[dict[str, Any]] = field(default_factory=list)  # residual branches cut out
+    notes: list[str] = field(default_factory=list)  # what was found removable but kept, and why
+    max_abs_error: float = 0.0
+
+
+def _as_tuple(x: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def _trials(inputs: tuple[Tensor, ...], extra: int = 2) -> list[tuple[Tensor, ...]]:
+    """The example inputs and ``extra`` random inputs with the same shapes and statistics."""
+    g = torch.Generator().manual_seed(0)
+    return [inputs] + [
+        tuple(torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) * t.std() + t.mean() for t in inputs)
+        if all(t.is_floating_point() for t in inputs)
+        else inputs
+        for _ in range(extra)
+    ]
+
+
+def _run(model: nn.Module, inputs: tuple[Tensor, ...]) -> object:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    with torch.no_grad():
+        leaves, _ = tree_flatten(model(*inputs))
+    return [t for t in leaves if isinstance(t, Tensor)]
+
+
+def _layer_outputs(model: nn.Module, names: Sequence[str], inputs: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    mods = dict(model.named_modules())
+    hooks = [
+        mods[n].register_forward_hook(lambda _m, _i, y, n=n: out.__setitem__(n, y.detach().clone()))
+        for n in names
+        if n in mods  # a module of a removed branch is gone
+    ]
+    try:
+        _outputs(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def compact(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    measure: bool = True,
+    align: int = 8,
+    channels: bool = True,
+    shapes: bool = True,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> nn.Module:
+    """A compacted, equivalence-checked copy of ``model`` (see :func:`compact_with_info`)."""
+    return compact_with_info(
+        model,
+        example_inputs,
+        measure=measure,
+        align=align,
+        channels=channels,
+        shapes=shapes,
+        verify=verify,
+        rtol=rtol,
+        atol=atol,
+    ).model
+
+
+def compact_with_info(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    measure: bool = True,
+    align: int = 8,
+    channels: bool = True,
+    shapes: bool = True,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> CompactionResult:
+    """Return a compacted copy of ``model`` (the original is untouched), built and checked in eval mode
+    (BN running statistics; constants are folded for them) and returned in the mode ``model`` was in.
+
+    measure: pick each layer's implementation by timing it on the input it sees for ``example_inputs``
+    (else from the kept fractions). align: kept channel counts (and the row-only conv's filter counts)
+    are rounded up to a multiple of this, since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the
+    needed channels. channels: cut zero residual branches and remove channels across layers (stages 0-1).
+    shapes: swap layers with remaining zero rows / columns for ``CompactConv2d`` / ``CompactLinear``
+    (stage 2); ``shapes=False`` leaves only plain PyTorch modules (e.g. for ONNX export).
+    verify: check the compacted model against the original on the example and two random inputs of the
+    same shapes; raise :class:`CompactionError` naming the first layer whose output differs beyond
+    ``rtol``/``atol`` (relative to the layer's output scale).
+    """
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an integer >= 1, got {align!r}")
+    inputs = _as_tuple(example_inputs)
+    was_training = model.training
+    try:
+        return _compact_in_eval(model, inputs, measure, align, channels, shapes, verify, rtol, atol, was_training)
+    finally:
+        model.train(was_training)  # also when compaction fails: the caller's model is left as it was given
+
+
+def _compact_in_eval(
+    original: nn.Module,
+    inputs: tuple[Tensor, ...],
+    measure: bool,
+    align: int,
+    channels: bool,
+    shapes: bool,
+    verify: bool,
+    rtol: float,
+    atol: float,
+    was_training: bool,
+) -> CompactionResult:
+    original.eval()
+    if verify:
+        _check_finite(_outputs(original, inputs), "the model's output on the example inputs")
+    new = copy.deepcopy(original).eval()
+    plan = ChannelPlan()
+    depth: list[dict[str, Any]] = []
+    notes: list[str] = []
+    if channels:
+        trials = _trials(inputs)
+        depth, notes = plan_and_remove_depth(new, trials, _run)
+        try:
+            plan, corrections = plan_channel_removal(new, trials, _run, align=align)
+        except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
+            warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
+        else:
+            apply_channel_plan(new, plan, corrections)
+            notes += plan.kept_constant
+            if plan.unsupported:
+                warnings.warn(
+                    "compact: channels feeding these stay whole (the graph analysis cannot follow them): "
+                    + "; ".join(plan.unsupported),
+                    stacklevel=2,
+                )
+    setattr(new, PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
+    convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
+    for name, conv in convs.items():
+        if type(conv) is not nn.Conv2d:
+            warnings.warn(
+                f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward); left dense",
+                stacklevel=2,
+            )
+    convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
+    linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
+    captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
+    seen = {n: xs[0] for n, xs in captured.items() if xs}
+    result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
+    for name, conv in convs.items():
+        rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
+        if bool(rows.all()) and bool(cols.all()):
+            continue  # nothing learned to remove
+        if name not in seen:
+            warnings.warn(f"compact: {name} is not reached by the example inputs; left dense", stacklevel=2)
+            continue
+        fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
+        if fast.impl == "dense":  # the dense conv is as fast: keep the plain module (no wrapper on the hot path)
+            result.kept_dense.append(name)
+            continue
+        new.set_submodule(name, fast.eval())
+        result.replaced[name] = fast.impl
+    for name, linear in linears.items():  # input features no upstream layer could drop (e.g. ignored pixels)
+        if name in seen:
+            small = CompactLinear.from_linear(linear, seen[name] if measure else None)
+            if small is not linear:
+                new.set_submodule(name, small)
+                result.replaced[name] = "gather"
+    if verify:
+        touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
+        order = [n for n, _ in original.named_modules() if n in touched]
+        result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
+    new.train(was_training)  # same mode as the model given (a compacted model is trained on like the original)
+    return result
+
+
+def _check_finite(outputs: Sequence[Tensor], what: str) -> None:
+    """Equivalence cannot be checked on NaN / inf (every comparison with NaN is false)."""
+    for t in outputs:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CompactionError(
+                f"compact: {what} has {bad} non-finite values (NaN/inf), so the compacted model cannot be verified; "
+                "check the trained weights (torch.isfinite) and the example inputs, or pass verify=False to skip "
+                "the check"
+            )
+
+
+def _max_error(want: Tensor, have: Tensor) -> float:
+    """Largest |want - have|, inf where either is non-finite and they differ (NaN never compares as equal)."""
+    if not want.numel():
+        return 0.0
+    diff = (want - have).abs()
+    same = (want == have) | (want.isnan() & have.isnan())  # equal infinities give NaN differences
+    return float(torch.where(same, torch.zeros_like(diff), diff.nan_to_num(nan=float("inf"))).max())
+
+
+def _verify(
+    original: nn.Module,
+    new: nn.Module,
+    inputs: tuple[Tensor, ...],
+    touched: list[str],
+    out_keep: dict[str, list[int]],
+    rtol: float,
+    atol: float,
+) -> float:
+    worst = 0.0
+    for trial in _trials(inputs):
+        a, b = _outputs(original, trial), _outputs(new, trial)
+        bad = len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=False))
+        for x, y in zip(a, b, strict=False):
+            if x.shape != y.shape:
+                continue
+            err = _max_error(x, y)
+            worst = max(worst, err)
+            scale = float(x.abs().max()) if x.numel() else 0.0
+            bad = bad or err > atol + rtol * scale
+        if bad:
+            ref = _layer_outputs(original, touched, trial)
+            got = _layer_outputs(new, touched, trial)
+            for name in touched:  # in module registration order
+                want, have = ref.get(name), got.get(name)
+                if want is not None and name in out_keep:  # compare the channels that were kept
+                    want = want[:, out_keep[name]]
+                if want is not None and have is not None and want.shape == have.shape:
+                    err = _max_error(want, have)
+                    if err > atol + rtol * float(want.abs().max()):
+                        raise CompactionError(f"compacted layer {name} differs from the original by {err:.3g}")
+            raise CompactionError(
+                f"compacted model output differs from the original by {worst:.3g}, but every replaced layer "
+                "matches on its own; a module depends on something the compaction changed"
+            )
+    return worst
