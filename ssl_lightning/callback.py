@@ -162,6 +162,7 @@ class StructuredSparsity(Callback):
         self._params: dict[str, Tensor] = {}
         self._spatial: dict[str, int] = {}
         self._hooks: list[Any] = []
+        self._groups_of: dict[int, list[Group]] = {}  # id(optimizer) -> the groups whose parameters it updates
         self._spatial_hooks: dict[str, Any] = {}
         self._pruned = False
         self._pending_masks: dict[str, Tensor] | None = None
@@ -299,9 +300,11 @@ class StructuredSparsity(Callback):
                 "but no optimizer updates them, so SSL cannot act on them; add them to an optimizer or exclude "
                 "their layers (exclude=[...])"
             )
+        self._groups_of.clear()
         for opt in trainer.optimizers:
             lr_of = {id(p): group for group in opt.param_groups for p in group["params"]}
             mine = [g for g in self.groups if id(g.members[0].param) in lr_of]
+            self._groups_of[id(opt)] = mine
             self._hooks.append(opt.register_step_post_hook(self._after_step_hook(mine, lr_of)))
 
     @override
@@ -318,7 +321,9 @@ class StructuredSparsity(Callback):
         phase, scale = self.phase(trainer), self.lambda_scale(trainer)
         self._step_state = (phase, scale)
         if phase == "ssl" and self.method == "gradient":
-            add_group_lasso_grad_(self.groups, scale)
+            # only the groups this optimizer updates: with several optimizers each group gets its term once
+            raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+            add_group_lasso_grad_(self._groups_of.get(id(raw), self.groups), scale)
         if self._mask_owner:
             mask_grads_(self._params, self.masks)
 

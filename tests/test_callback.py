@@ -258,3 +258,45 @@ def test_spatial_hooks_record_once_and_flops_are_logged(tmp_path: Path) -> None:
     cb = StructuredSparsity({"shape": 1e-3})
     trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(Module(), loader())
     assert cb._spatial == {"net.conv1": 64, "net.conv2": 64} and not cb._spatial_hooks
+
+
+def test_gradient_form_acts_once_per_group_with_two_optimizers(tmp_path: Path) -> None:
+    """Each optimizer's step adds the group-lasso term to its own groups only (it was added to every group at
+    every optimizer's step, i.e. twice with two optimizers)."""
+    from ssl_lightning.penalty import add_group_lasso_grad_
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class TwoOptimizers(Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            opt_a, opt_b = self.optimizers()  # type: ignore[misc]
+            x, y = batch
+            loss = torch.nn.functional.cross_entropy(self(x), y)
+            opt_a.zero_grad(), opt_b.zero_grad()
+            self.manual_backward(loss)
+            seen["raw"] = self.net.conv1.weight.grad.clone()
+            opt_a.step(), opt_b.step()  # the callback adds its term in on_before_optimizer_step of each
+            return loss
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            conv1 = list(self.net.conv1.parameters())
+            rest = [p for n, p in self.named_parameters() if not n.startswith("net.conv1.")]
+            return torch.optim.SGD(conv1, lr=0.0), torch.optim.SGD(rest, lr=0.0)
+
+    class GradAfterStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # type: ignore[no-untyped-def]
+            seen["final"] = pl_module.net.conv1.weight.grad.clone()
+
+    cb = StructuredSparsity({"filter": 0.5}, method="gradient", include=["net.conv1"], zero_threshold=0.0)
+    module = TwoOptimizers()
+    trainer(tmp_path, max_steps=1, callbacks=[cb, GradAfterStep()]).fit(module, loader(n=16, batch=16))
+    expected = seen["raw"].clone()
+    module.net.conv1.weight.grad = expected
+    assert [g.modules for g in cb.groups] == [("net.conv1",)]
+    add_group_lasso_grad_(cb.groups, 1.0)  # one application
+    torch.testing.assert_close(seen["final"], module.net.conv1.weight.grad)
+    assert not torch.allclose(seen["final"], seen["raw"])  # the term was added at all
