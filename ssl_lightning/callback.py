@@ -1,4 +1,5 @@
-"""``StructuredSparsity``: the Lightning glue around groups, penalty, schedules and report."""
+"""``StructuredSparsity``: the Lightning glue around groups, the sparsity method (:mod:`ssl_lightning.methods`),
+schedules and report."""
 
 from __future__ import annotations
 
@@ -13,15 +14,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from ssl_lightning.groups import GROUP_TYPES, Group, Selector, build_groups, group_parameters, validate_lambdas
-from ssl_lightning.penalty import (
-    add_group_lasso_grad_,
-    apply_masks_,
-    group_lasso,
-    group_masks,
-    mask_grads_,
-    proximal_step_,
-    zero_small_,
-)
+from ssl_lightning.methods import GroupLasso, SparsityMethod
+from ssl_lightning.penalty import apply_masks_, group_lasso, mask_grads_
 from ssl_lightning.report import CompactionReport, sparsity_report
 from ssl_lightning.schedules import LAMBDA_SCHEDULES, PhaseSchedule, lambda_factor
 
@@ -150,6 +144,7 @@ class StructuredSparsity(Callback):
         self.couple, self.depth_blocks, self.scale_by_group_size = couple, depth_blocks, scale_by_group_size
         self.lambda_schedule, self.warmup = lambda_schedule, warmup
         self.zero_threshold = zero_threshold if zero_threshold is not None else (1e-4 if method == "gradient" else 0.0)
+        self.sparsity_method: SparsityMethod = GroupLasso(method, self.zero_threshold)
         self.prune_threshold = prune_threshold
         self.finetune_lr_factor = finetune_lr_factor
         self.log_every_n_steps = log_every_n_steps
@@ -320,10 +315,10 @@ class StructuredSparsity(Callback):
     ) -> None:
         phase, scale = self.phase(trainer), self.lambda_scale(trainer)
         self._step_state = (phase, scale)
-        if phase == "ssl" and self.method == "gradient":
-            # only the groups this optimizer updates: with several optimizers each group gets its term once
+        if phase == "ssl":
+            # only the groups this optimizer updates: with several optimizers each group is acted on once
             raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
-            add_group_lasso_grad_(self._groups_of.get(id(raw), self.groups), scale)
+            self.sparsity_method.before_step(self._groups_of.get(id(raw), self.groups), scale)
         if self._mask_owner:
             mask_grads_(self._params, self.masks)
 
@@ -333,9 +328,7 @@ class StructuredSparsity(Callback):
         def hook(_opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             phase, scale = self._step_state
             if phase == "ssl":
-                if self.method == "proximal":
-                    proximal_step_(groups, scale, lambda p: float(lr_of[id(p)]["lr"]))
-                zero_small_(params, self.zero_threshold)
+                self.sparsity_method.after_step(groups, params, scale, lambda p: float(lr_of[id(p)]["lr"]))
             if self._mask_owner:
                 apply_masks_(self._params, self.masks)
 
@@ -404,7 +397,7 @@ class StructuredSparsity(Callback):
         compacted = pl_module.get_submodule(self.compact_at_end)
         transfer_optimizer_state(trainer.optimizers, pl_module, self.compact_at_end, dense, compacted)
         self._rebuild_groups(trainer, pl_module)
-        masks = group_masks(self.groups, self.prune_threshold)  # groups still zero stay frozen at zero
+        masks = self.sparsity_method.prune_masks(self.groups, self.prune_threshold)  # zero groups stay frozen
         masks = trainer.strategy.broadcast(masks, src=0)
         self._install_masks(pl_module, masks)
         apply_masks_(self._params, self.masks)
@@ -451,7 +444,7 @@ class StructuredSparsity(Callback):
     # ---------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Zero and freeze every group at or below ``prune_threshold``; scale LRs for fine-tuning."""
-        masks = group_masks(self.groups, self.prune_threshold)
+        masks = self.sparsity_method.prune_masks(self.groups, self.prune_threshold)
         masks = trainer.strategy.broadcast(masks, src=0)  # one decision for every DDP rank
         self._install_masks(pl_module, masks)
         apply_masks_(self._params, self.masks)
