@@ -539,6 +539,7 @@ class StructuredSparsity(Callback):
             "version": 1,
             "pruned": self._pruned,
             "masks": {k: v.detach().cpu() for k, v in self.masks.items()},
+            "method": self.sparsity_method.state_dict(),
         }
 
     @override
@@ -546,3 +547,4 @@ class StructuredSparsity(Callback):
         self._pruned = bool(state_dict["pruned"])
         masks = state_dict.get("masks") or {}
         self._pending_masks = dict(masks) if masks else None
+        self.sparsity_method.load_state_dict(state_dict.get("method", {}))  # absent in earlier checkpoints

@@ -53,3 +53,26 @@ def test_group_lasso_forms() -> None:
     with pytest.raises(ValueError, match="method must be one of 'proximal', 'gradient', got 'l2'"):
         GroupLasso("l2")  # type: ignore[arg-type]
     assert StructuredSparsity({"filter": 0.1}, method="gradient").sparsity_method.zero_threshold == 1e-4
+
+
+def test_the_methods_state_travels_in_the_callbacks_checkpoint_state() -> None:
+    class Counting(SparsityMethod):
+        def __init__(self) -> None:
+            self.steps = 0
+
+        def state_dict(self) -> dict[str, int]:
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state: dict) -> None:  # type: ignore[type-arg]
+            self.steps = state.get("steps", 0)
+
+    saved = StructuredSparsity({"filter": 0.1})
+    saved.sparsity_method = Counting()
+    saved.sparsity_method.steps = 7  # type: ignore[attr-defined]
+    state = saved.state_dict()
+    restored = StructuredSparsity({"filter": 0.1})
+    restored.sparsity_method = Counting()
+    restored.load_state_dict(state)
+    assert restored.sparsity_method.steps == 7  # type: ignore[attr-defined]
+    earlier = {k: v for k, v in state.items() if k != "method"}  # a checkpoint written before the seam
+    StructuredSparsity({"filter": 0.1}).load_state_dict(earlier)
