@@ -38,9 +38,10 @@ constexpr int64_t kMaxConvParam = int64_t(1) << 31;
 
 // Validates every argument (clear TORCH_CHECK messages) and returns the convolution geometry.
 inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
-                                              const IndexLists& idx, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
-                                              at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation, int64_t groups, int64_t out_channels) {
+                                              const IndexLists& idx, const std::optional<at::Tensor>& bias,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                              int64_t out_channels) {
   TORCH_CHECK(input.dim() == 4, "compact_conv2d: input must be N x C x H x W, got ", input.dim(), " dims");
   TORCH_CHECK(input.is_floating_point(), "compact_conv2d: input must be floating point, got ", input.scalar_type());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "compact_conv2d: weight dtype ", weight.scalar_type(),

@@ -135,8 +135,7 @@ def _pipeline(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1].startswith("--"):
         raise ValueError(f"usage: ssl-lightning {command} RECIPE [options] [--key value ...]")
     recipe, rest = argv[1], argv[2:]
-    check_recipe(recipe)
-    _check_arguments(rest)
+    _check_arguments(rest)  # the recipe itself: pipeline.run / sweep check it
     out = _pop_option(rest, "--out")
     if command == "run":
         baseline = _pop_option(rest, "--baseline", "0") is not None

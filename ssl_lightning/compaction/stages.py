@@ -135,85 +135,71 @@ def compact_with_info(
         raise ValueError(f"align must be an integer >= 1, got {align!r}")
     inputs = _as_tuple(example_inputs)
     was_training = model.training
+    original = model
     try:
-        return _compact_in_eval(model, inputs, measure, align, channels, shapes, verify, rtol, atol, was_training)
-    finally:
-        model.train(was_training)  # also when compaction fails: the caller's model is left as it was given
-
-
-def _compact_in_eval(
-    original: nn.Module,
-    inputs: tuple[Tensor, ...],
-    measure: bool,
-    align: int,
-    channels: bool,
-    shapes: bool,
-    verify: bool,
-    rtol: float,
-    atol: float,
-    was_training: bool,
-) -> CompactionResult:
-    original.eval()
-    if verify:
-        _check_finite(_outputs(original, inputs), "the model's output on the example inputs")
-    new = copy.deepcopy(original).eval()
-    plan = ChannelPlan()
-    depth: list[dict[str, Any]] = []
-    notes: list[str] = []
-    if channels:
-        trials = _trials(inputs)
-        depth, notes = plan_and_remove_depth(new, trials, _run)
-        try:
-            plan, corrections = plan_channel_removal(new, trials, _run, align=align)
-        except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
-            warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
-        else:
-            apply_channel_plan(new, plan, corrections)
-            notes += plan.kept_constant
-            if plan.unsupported:
+        original.eval()
+        if verify:
+            _check_finite(_outputs(original, inputs), "the model's output on the example inputs")
+        new = copy.deepcopy(original).eval()
+        plan = ChannelPlan()
+        depth: list[dict[str, Any]] = []
+        notes: list[str] = []
+        if channels:
+            trials = _trials(inputs)
+            depth, notes = plan_and_remove_depth(new, trials, _run)
+            try:
+                plan, corrections = plan_channel_removal(new, trials, _run, align=align)
+            except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
+                warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
+            else:
+                apply_channel_plan(new, plan, corrections)
+                notes += plan.kept_constant
+                if plan.unsupported:
+                    warnings.warn(
+                        "compact: channels feeding these stay whole (the graph analysis cannot follow them): "
+                        + "; ".join(plan.unsupported),
+                        stacklevel=2,
+                    )
+        setattr(new, PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
+        convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
+        for name, conv in convs.items():
+            if type(conv) is not nn.Conv2d:
                 warnings.warn(
-                    "compact: channels feeding these stay whole (the graph analysis cannot follow them): "
-                    + "; ".join(plan.unsupported),
+                    f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward); left dense",
                     stacklevel=2,
                 )
-    setattr(new, PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
-    convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
-    for name, conv in convs.items():
-        if type(conv) is not nn.Conv2d:
-            warnings.warn(
-                f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward); left dense",
-                stacklevel=2,
-            )
-    convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
-    linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
-    captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
-    seen = {n: xs[0] for n, xs in captured.items() if xs}
-    result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
-    for name, conv in convs.items():
-        rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
-        if bool(rows.all()) and bool(cols.all()):
-            continue  # nothing learned to remove
-        if name not in seen:
-            warnings.warn(f"compact: {name} is not reached by the example inputs; left dense", stacklevel=2)
-            continue
-        fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
-        if fast.impl == "dense":  # the dense conv is as fast: keep the plain module (no wrapper on the hot path)
-            result.kept_dense.append(name)
-            continue
-        new.set_submodule(name, fast.eval())
-        result.replaced[name] = fast.impl
-    for name, linear in linears.items():  # input features no upstream layer could drop (e.g. ignored pixels)
-        if name in seen:
-            small = CompactLinear.from_linear(linear, seen[name] if measure else None)
-            if small is not linear:
-                new.set_submodule(name, small)
-                result.replaced[name] = "gather"
-    if verify:
-        touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
-        order = [n for n, _ in original.named_modules() if n in touched]
-        result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
-    new.train(was_training)  # same mode as the model given (a compacted model is trained on like the original)
-    return result
+        convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
+        linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
+        captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
+        seen = {n: xs[0] for n, xs in captured.items() if xs}
+        result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
+        for name, conv in convs.items():
+            rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
+            if bool(rows.all()) and bool(cols.all()):
+                continue  # nothing learned to remove
+            if name not in seen:
+                warnings.warn(f"compact: {name} is not reached by the example inputs; left dense", stacklevel=2)
+                continue
+            fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
+            if fast.impl == "dense":  # the dense conv is as fast: keep the plain module (no wrapper on the hot path)
+                result.kept_dense.append(name)
+                continue
+            new.set_submodule(name, fast.eval())
+            result.replaced[name] = fast.impl
+        for name, linear in linears.items():  # input features no upstream layer could drop (e.g. ignored pixels)
+            if name in seen:
+                small = CompactLinear.from_linear(linear, seen[name] if measure else None)
+                if small is not linear:
+                    new.set_submodule(name, small)
+                    result.replaced[name] = "gather"
+        if verify:
+            touched = set(result.replaced) | set(plan.out_keep) | set(plan.in_keep)
+            order = [n for n, _ in original.named_modules() if n in touched]
+            result.max_abs_error = _verify(original, new, inputs, order, plan.out_keep, rtol, atol)
+        new.train(was_training)  # the mode of the model given (a compacted model is trained on like the original)
+        return result
+    finally:
+        original.train(was_training)  # also when compaction fails: the caller's model keeps its mode
 
 
 def _check_finite(outputs: Sequence[Tensor], what: str) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ssl_lightning.data.formats import ImageFolderDataset, load_cifar, load_mnist_idx
-from ssl_lightning.data.sampling import epoch_seed, train_loader
+from ssl_lightning.data.sampling import key_seed, train_loader
 
 __all__ = ["CIFARDataModule", "ImageFolderDataModule", "MNISTDataModule"]
 
@@ -36,7 +36,7 @@ class _Augmented(Dataset[tuple[Tensor, Tensor]]):
 
     def __getitem__(self, key: int) -> tuple[Tensor, Tensor]:
         i = key % len(self.images)
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, key))
+        g = torch.Generator().manual_seed(key_seed(self.seed, key))
         x = F.pad(self.images[i], (self.pad,) * 4)
         top, left = (int(v) for v in torch.randint(0, 2 * self.pad + 1, (2,), generator=g))
         x = x[:, top : top + 32, left : left + 32]

@@ -65,9 +65,9 @@ class EpochShuffleSampler(Sampler[int]):
         return {**self.__dict__, "_drawn": None}  # a generator does not travel to other processes; redrawn there
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """One 63-bit seed per (seed, epoch) pair (a multiplicative hash: neighbouring pairs do not collide)."""
-    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+def key_seed(seed: int, key: int) -> int:
+    """One 63-bit seed per (seed, sample key) pair (a multiplicative hash: neighbouring pairs do not collide)."""
+    return (seed * 0x9E3779B97F4A7C15 + key * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
 def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, keyed: bool = False) -> DataLoader:
