@@ -412,3 +412,29 @@ def test_a_compacted_state_dict_loads_into_a_fresh_dense_module() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fresh.net(x), trained.net(x), rtol=0, atol=0)
     assert type(fresh.net.conv2).__name__ == "CompactConv2d"
+
+
+def test_missing_checkpoint_and_an_out_dir_that_cannot_be_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _one_line_error(["fit", "--config", RECIPE, "--ckpt_path", str(tmp_path / "gone.ckpt")], capsys)
+    assert "--ckpt_path" in err and "does not exist (expected a Lightning .ckpt file)" in err
+    (tmp_path / "afile").write_text("")
+    err = _one_line_error(["run", RECIPE, "--out", str(tmp_path / "afile" / "sub"), *QUICK], capsys)
+    assert "cannot be created" in err
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_network_whose_outputs_are_not_the_classes_is_a_clear_error() -> None:
+    from ssl_lightning.models import ImageClassifier, LeNet
+
+    clf = ImageClassifier(LeNet(num_classes=7), num_classes=10)
+    with pytest.raises(ValueError, match=r"LeNet outputs \(7,\) per image but num_classes is 10"):
+        clf.training_step((torch.zeros(2, 1, 28, 28), torch.tensor([1, 2])), 0)
+
+
+def test_sampler_size_must_be_a_count() -> None:
+    from ssl_lightning.data.sampling import EpochShuffleSampler
+
+    with pytest.raises(ValueError, match=r"n must be an int >= 0, got -1"):
+        EpochShuffleSampler(-1)
