@@ -7,7 +7,6 @@ removal, equivalence-checked), :func:`compaction_report`, :class:`CompactConv2d`
 plans (:func:`compaction_plan`, :func:`apply_compaction_plan`) and :class:`CompactionCheckpointing`.
 """
 
-from ssl_lightning.callback import StructuredSparsity
 from ssl_lightning.compaction import (
     CompactConv2d,
     CompactionCheckpointing,
@@ -21,6 +20,7 @@ from ssl_lightning.compaction import (
     restore_compaction,
 )
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
+from ssl_lightning.methods import StructuredSparsity
 from ssl_lightning.report import CompactionReport, SparsityReport, compaction_report, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
 from ssl_lightning.timing import interleaved_times, settle_allocator

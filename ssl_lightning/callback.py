@@ -1,11 +1,18 @@
-"""``StructuredSparsity``: the Lightning glue around groups, the sparsity method (:mod:`ssl_lightning.methods`),
-schedules and report."""
+"""``SparsityCallback``: the Lightning glue every sparsity method shares.
+
+One base owns what methods have in common: groups (:mod:`ssl_lightning.groups`), phases and schedules
+(:mod:`ssl_lightning.schedules`), prune / freeze masks as module buffers, checkpoint state, rank-0 decisions
+broadcast to every DDP rank, extra parameters a method owns (their own optimizer parameter groups), logging,
+non-finite checks and compaction at the end of fit or at the prune boundary. A method
+(:mod:`ssl_lightning.methods`) says what it does around an optimizer step and how it decides what to prune; its
+public callback (``StructuredSparsity``, ``ParameterizedPruning``) validates its own arguments and builds it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -13,16 +20,23 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ssl_lightning.groups import GROUP_TYPES, Group, Selector, build_groups, group_parameters, validate_lambdas
-from ssl_lightning.methods import GroupLasso, SparsityMethod
-from ssl_lightning.penalty import apply_masks_, group_lasso, mask_grads_
+from ssl_lightning.groups import Group, Selector, build_groups, group_parameters
+from ssl_lightning.penalty import apply_masks_, mask_grads_
 from ssl_lightning.report import CompactionReport, sparsity_report
 from ssl_lightning.schedules import LAMBDA_SCHEDULES, PhaseSchedule, lambda_factor
 
-__all__ = ["StructuredSparsity"]
+if TYPE_CHECKING:
+    from ssl_lightning.methods.base import SparsityMethod
+
+__all__ = ["OWNED_DECAY_KEY", "SparsityCallback"]
 
 _PHASE_CODE = {"dense": 0, "ssl": 1, "finetune": 2}
 _MASK_PREFIX = "ssl_mask_"
+# Key of the optimizer parameter groups a callback adds for its method's own parameters: the full-strength
+# weight decay, scaled by the schedule before every step (the group's "weight_decay" is the scaled value).
+OWNED_DECAY_KEY = "ssl_lightning_decay"
+# Scheduler attributes holding one entry per parameter group (extended when a group is added).
+_PER_GROUP_SCHEDULER_LISTS = ("base_lrs", "max_lrs", "min_lrs", "lr_lambdas", "_last_lr")
 
 
 def _check_choice(arg: str, value: object, allowed: Sequence[str]) -> None:
@@ -37,84 +51,64 @@ def _check_number(arg: str, value: object, *, minimum: float = 0.0, strict: bool
         raise ValueError(f"{arg} must be a finite number {op} {minimum:g}, got {value!r}")
 
 
-def _check_strategy(trainer: Trainer) -> None:
+def _check_strategy(trainer: Trainer, owner: str) -> None:
     """Group norms need whole parameters: strategies that shard them (FSDP, DeepSpeed ZeRO-3, tensor / model
     parallel) would give each rank the norms of its own shards and different pruning decisions."""
     name = type(trainer.strategy).__name__
     if any(key in name for key in ("FSDP", "ModelParallel")):
         raise ValueError(
-            f"StructuredSparsity does not support {name}: it shards parameters, so group norms (and pruning "
+            f"{owner} does not support {name}: it shards parameters, so group norms (and pruning "
             "decisions) would be computed on shards. Use a single device or strategy='ddp' / 'ddp_spawn' "
             "(Lightning's DDP keeps whole parameters on every rank; multi-node DDP works the same way)."
         )
 
 
-class StructuredSparsity(Callback):
-    r"""Structured Sparsity Learning (Wen et al., 2016) for any LightningModule with Conv2d / Linear layers.
+class SparsityCallback(Callback):
+    """Shared base of the sparsity callbacks; see the module docstring. Not used directly.
 
-    Args:
-        lambdas: group type -> λ, types from ``filter, channel, shape, kernel2d, neuron_in, neuron_out, depth``.
-        method: ``"proximal"`` (group soft-threshold after each optimizer step: exact zeros) or
-            ``"gradient"`` (the paper: λ·w/‖w_g‖ added to the gradient, then |w| < ``zero_threshold`` → 0).
-        include, exclude: module selectors (regex fully matching a module name, or a class / class name).
-        layer_lambdas: regex -> λ multiplier, or regex -> {type: λ} per-layer overrides.
-        couple: filter / neuron_out groups also span bias, BN channel and consumer input channels (``torch.fx``).
-        depth_blocks: module names forming one depth group each (default: residual branches found by ``torch.fx``).
-        scale_by_group_size: multiply λ by sqrt(group size).
-        phases: ``{"dense": [0, a], "ssl": [a, b], "finetune": [b, None]}`` on the ``unit`` clock; groups are
-            pruned (masked, frozen) at the end of ``ssl``. Default: SSL from the start, never pruned.
-        unit: ``"epoch"`` or ``"step"`` (optimizer steps).
-        lambda_schedule: ``"constant"``, ``"warmup"`` (linear over ``warmup`` units) or ``"ramp"`` (over SSL).
-        zero_threshold: element zero-out after each SSL step (default 1e-4 for ``gradient``, off for ``proximal``).
-        prune_threshold: groups whose RMS weight ‖w_g‖/sqrt(|g|) is at or below this are pruned.
-        finetune_lr_factor: learning rates are multiplied by this once, when fine-tuning starts.
-        log_every_n_steps: sparsity figures are sent to the trainer's loggers every this many steps.
-        log_histograms: also send group-norm histograms and a per-layer chart when a WandbLogger is attached.
-        compact_at_end: name of the LightningModule's submodule (e.g. ``"model"``) to replace by its
-            :func:`~ssl_lightning.compact`-ed copy when ``fit`` ends; example inputs are the first
-            ``compact_batch`` samples of the first training batch. Parameters, MACs and measured latency,
-            dense vs compacted, go to the trainer's loggers (``compaction/...``) and to :attr:`compaction`.
-        compact_batch: number of samples used to check and time the compaction.
-        compact_align: kept channel counts are rounded up to a multiple of this (1: exact), see ``compact``.
-        compact_when: ``"fit_end"`` (default) or ``"prune"``: compact at the end of the SSL phase, right after
-            pruning, so fine-tuning trains the smaller model; optimizer state (momentum, Adam moments) is carried
-            through the compaction plan and LR schedulers keep their state. Needs a ``finetune`` phase.
+    Subclasses call :meth:`_init_shared` from ``__init__`` with the arguments every method has (documented on
+    :class:`~ssl_lightning.StructuredSparsity`), set :attr:`sparsity_method`, and return their group spec
+    (group type -> the coefficient stored as each family's ``lam``) from :meth:`group_spec`.
     """
 
-    def __init__(
+    log_prefix = "ssl"
+    #: advice in the non-finite error, by phase
+    _non_finite_fix: ClassVar[dict[str, str]] = {
+        "dense": "lower the learning rate",
+        "ssl": "lower the learning rate or the regularization strength",
+        "finetune": "lower the learning rate or finetune_lr_factor",
+    }
+
+    sparsity_method: SparsityMethod
+
+    def _init_shared(
         self,
-        lambdas: Mapping[str, float],
         *,
-        method: Literal["proximal", "gradient"] = "proximal",
-        include: Sequence[Selector] | None = None,
-        exclude: Sequence[Selector] = (),
-        layer_lambdas: Mapping[str, float | Mapping[str, float]] | None = None,
-        couple: bool = False,
-        depth_blocks: Sequence[str] | None = None,
-        scale_by_group_size: bool = False,
-        phases: Mapping[str, Sequence[int | None]] | None = None,
-        unit: Literal["epoch", "step"] = "epoch",
-        lambda_schedule: Literal["constant", "warmup", "ramp"] = "constant",
-        warmup: int = 0,
-        zero_threshold: float | None = None,
-        prune_threshold: float = 1e-4,
-        finetune_lr_factor: float = 1.0,
-        log_every_n_steps: int = 50,
-        log_histograms: bool = True,
-        compact_at_end: str | None = None,
-        compact_batch: int = 32,
-        compact_align: int = 8,
-        compact_when: Literal["fit_end", "prune"] = "fit_end",
+        include: Sequence[Selector] | None,
+        exclude: Sequence[Selector],
+        layer_lambdas: Mapping[str, float | Mapping[str, float]] | None,
+        couple: bool,
+        depth_blocks: Sequence[str] | None,
+        scale_by_group_size: bool,
+        phases: Mapping[str, Sequence[int | None]] | None,
+        unit: str,
+        lambda_schedule: str,
+        warmup: int,
+        prune_threshold: float,
+        finetune_lr_factor: float,
+        log_every_n_steps: int,
+        log_histograms: bool,
+        compact_at_end: str | None,
+        compact_batch: int,
+        compact_align: int,
+        compact_when: str,
+        schedule_arg: str = "lambda_schedule",
+        threshold_arg: str = "prune_threshold",
     ) -> None:
-        validate_lambdas(lambdas)
-        _check_choice("method", method, ("proximal", "gradient"))
         _check_choice("unit", unit, ("epoch", "step"))
-        _check_choice("lambda_schedule", lambda_schedule, LAMBDA_SCHEDULES)
-        if not isinstance(warmup, int) or warmup < 0:
+        _check_choice(schedule_arg, lambda_schedule, LAMBDA_SCHEDULES)
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 ({unit}s), got {warmup!r}")
-        if zero_threshold is not None:
-            _check_number("zero_threshold", zero_threshold)
-        _check_number("prune_threshold", prune_threshold)
         _check_number("finetune_lr_factor", finetune_lr_factor, strict=True)
         if not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
@@ -128,7 +122,7 @@ class StructuredSparsity(Callback):
         if not isinstance(compact_align, int) or compact_align < 1:
             raise ValueError(f"compact_align must be an int >= 1, got {compact_align!r}")
         _check_choice("compact_when", compact_when, ("fit_end", "prune"))
-        self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)
+        self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)  # type: ignore[arg-type]
         if compact_when == "prune" and (compact_at_end is None or self.schedule.ssl_end is None):
             raise ValueError(
                 "compact_when='prune' needs compact_at_end (the submodule to compact) and an SSL phase that ends, "
@@ -136,15 +130,11 @@ class StructuredSparsity(Callback):
                 f"phases={phases!r}"
             )
         if lambda_schedule == "ramp" and self.schedule.ssl_end is None:
-            raise ValueError("lambda_schedule='ramp' needs an SSL phase with an end, e.g. phases={'ssl': [0, 10]}")
-        self.lambdas = dict(lambdas)
-        self.method = method
+            raise ValueError(f"{schedule_arg}='ramp' needs an SSL phase with an end, e.g. phases={{'ssl': [0, 10]}}")
         self.include, self.exclude = include, exclude
         self.layer_lambdas = dict(layer_lambdas or {})
         self.couple, self.depth_blocks, self.scale_by_group_size = couple, depth_blocks, scale_by_group_size
         self.lambda_schedule, self.warmup = lambda_schedule, warmup
-        self.zero_threshold = zero_threshold if zero_threshold is not None else (1e-4 if method == "gradient" else 0.0)
-        self.sparsity_method: SparsityMethod = GroupLasso(method, self.zero_threshold)
         self.prune_threshold = prune_threshold
         self.finetune_lr_factor = finetune_lr_factor
         self.log_every_n_steps = log_every_n_steps
@@ -154,7 +144,8 @@ class StructuredSparsity(Callback):
         self.compaction: CompactionReport | None = None  # filled when compact_at_end ran
 
         self.groups: list[Group] = []
-        self._params: dict[str, Tensor] = {}
+        self._layers: list[str] = []
+        self._params: dict[str, Tensor] = {}  # every tensor masks act on: group members and owned parameters
         self._spatial: dict[str, int] = {}
         self._hooks: list[Any] = []
         self._groups_of: dict[int, list[Group]] = {}  # id(optimizer) -> the groups whose parameters it updates
@@ -165,6 +156,19 @@ class StructuredSparsity(Callback):
         self._step_state: tuple[str, float] = ("dense", 0.0)
         self._last_logged = -1
 
+    # ------------------------------------------------------------ subclass API
+    def group_spec(self) -> dict[str, float]:
+        """Group type -> coefficient (λ for group lasso, α weight decay for PSP) for :func:`build_groups`."""
+        raise NotImplementedError
+
+    def set_strength(self, value: float) -> None:
+        """Set every group type's coefficient to ``value`` (used by ``ssl-lightning sweep``)."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
     # ----------------------------------------------------------------- clock
     def clock(self, trainer: Trainer) -> int:
         return trainer.global_step if self.schedule.unit == "step" else trainer.current_epoch
@@ -173,7 +177,7 @@ class StructuredSparsity(Callback):
         return self.schedule.phase_at(self.clock(trainer))
 
     def lambda_scale(self, trainer: Trainer) -> float:
-        return lambda_factor(self.schedule, self.clock(trainer), self.lambda_schedule, self.warmup)
+        return lambda_factor(self.schedule, self.clock(trainer), self.lambda_schedule, self.warmup)  # type: ignore[arg-type]
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -185,7 +189,7 @@ class StructuredSparsity(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _check_strategy(trainer)
+        _check_strategy(trainer, self.name)
         if self.compact_at_end is not None:
             try:
                 pl_module.get_submodule(self.compact_at_end)
@@ -196,7 +200,15 @@ class StructuredSparsity(Callback):
                     f"its children are {children}"
                 ) from None
             self._check_compaction_returns(trainer, pl_module)
-        self._set_groups(pl_module, self._build_groups(pl_module, self.lambdas))
+        self._check_other_callbacks(trainer)
+        self._set_groups(pl_module, self._build_groups(pl_module, self.group_spec()))
+        # before the checkpoint (if any) is restored: the method's parameters must exist to receive their values
+        self.sparsity_method.attach(pl_module, self.groups)
+        self._params.update(self.sparsity_method.owned_parameters(pl_module))
+
+    def _check_other_callbacks(self, trainer: Trainer) -> None:
+        """Two sparsity callbacks on one Trainer: allowed only on disjoint layers (checked once groups exist)."""
+        self._others = [c for c in trainer.callbacks if isinstance(c, SparsityCallback) and c is not self]  # type: ignore[attr-defined]
 
     def _check_compaction_returns(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """ddp_spawn / ddp_notebook train in worker processes and hand the main process only a state_dict, which
@@ -216,10 +228,10 @@ class StructuredSparsity(Callback):
                 "ssl_lightning.compact"
             )
 
-    def _build_groups(self, pl_module: LightningModule, lambdas: Mapping[str, float]) -> list[Group]:
+    def _build_groups(self, pl_module: LightningModule, spec: Mapping[str, float]) -> list[Group]:
         return build_groups(
             pl_module,
-            lambdas,
+            spec,
             include=self.include,
             exclude=self.exclude,
             layer_lambdas=self.layer_lambdas,
@@ -229,6 +241,15 @@ class StructuredSparsity(Callback):
         )
 
     def _set_groups(self, pl_module: LightningModule, groups: list[Group]) -> None:
+        for other in getattr(self, "_others", []):
+            shared = sorted(set(group_parameters(groups)) & set(group_parameters(other.groups)))
+            if shared:
+                raise ValueError(
+                    f"{self.name} and {other.name} both act on {', '.join(shared[:3])}"
+                    f"{' ...' if len(shared) > 3 else ''}: two sparsity methods on the same weights would fight "
+                    "over them (and over their pruning decisions). Give them disjoint layers with include=[...] / "
+                    "exclude=[...], or use one method"
+                )
         self.groups = groups
         self._params = group_parameters(self.groups)
         self._layers = sorted({n for g in self.groups for n in g.modules})
@@ -236,7 +257,7 @@ class StructuredSparsity(Callback):
             if isinstance(mod, nn.Conv2d) and name in self._layers:
                 self._spatial_hooks[name] = mod.register_forward_hook(self._record_spatial(name))
         rank_zero_info(
-            f"StructuredSparsity: {sum(g.num_groups for g in self.groups)} groups in {len(self.groups)} families "
+            f"{self.name}: {sum(g.num_groups for g in self.groups)} groups in {len(self.groups)} families "
             f"over {len(self._layers)} layers ({', '.join(sorted({g.kind for g in self.groups}))})"
         )
 
@@ -257,6 +278,53 @@ class StructuredSparsity(Callback):
                 f"world size {trainer.world_size}) cannot follow: use compact_when='fit_end', then fine-tune the "
                 "compacted model in a new fit"
             )
+        # optimizers exist, their saved state (on resume) is not loaded yet: give the method's parameters their
+        # own groups now, so a resumed optimizer has the same groups as the one that was saved
+        owned = self.sparsity_method.owned_parameters(pl_module)
+        if owned:
+            self._check_optimized(trainer)
+            self._adopt_owned_parameters(trainer, owned)
+
+    def _check_optimized(self, trainer: Trainer) -> None:
+        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = sorted({m.name for g in self.groups for m in g.members if id(m.param) not in optimized})
+        if missing:
+            raise ValueError(
+                f"{self.name}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are regularized "
+                f"but no optimizer updates them, so {self.sparsity_method.label} cannot act on them; add them to an "
+                "optimizer (configure_optimizers) or exclude their layers (exclude=[...])"
+            )
+
+    def _adopt_owned_parameters(self, trainer: Trainer, owned: Mapping[str, Tensor]) -> None:
+        """Move the method's parameters out of whatever optimizer groups the user's ``configure_optimizers`` put
+        them in (``self.parameters()`` includes them) into groups of their own, one per optimizer group of the
+        weights they belong to: same hyperparameters and LR schedule, their own weight decay
+        (:data:`OWNED_DECAY_KEY`, applied by the optimizer as ``weight_decay``)."""
+        ids = {id(p) for p in owned.values()}
+        anchor = self.sparsity_method.anchors()  # id(owned param) -> (weight it scales, decay)
+        for opt in trainer.optimizers:
+            if any(OWNED_DECAY_KEY in g for g in opt.param_groups):
+                continue  # adopted already (a second fit on the same optimizer)
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            index_of = {id(p): i for i, group in enumerate(opt.param_groups) for p in group["params"]}
+            new: dict[tuple[int, float], list[Tensor]] = {}
+            for p in owned.values():
+                weight, decay = anchor[id(p)]
+                if id(weight) in index_of:
+                    new.setdefault((index_of[id(weight)], decay), []).append(p)
+            for (i, decay), params in new.items():
+                before = len(opt.param_groups)
+                hyper = {k: v for k, v in opt.param_groups[i].items() if k != "params"}
+                opt.add_param_group({**hyper, "params": params, "weight_decay": 0.0, OWNED_DECAY_KEY: decay})
+                for cfg in trainer.lr_scheduler_configs:
+                    sched = cfg.scheduler
+                    if getattr(sched, "optimizer", None) is not opt:
+                        continue
+                    for attr in _PER_GROUP_SCHEDULER_LISTS:
+                        values = getattr(sched, attr, None)
+                        if isinstance(values, list) and len(values) == before:
+                            values.append(values[i])
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -275,11 +343,12 @@ class StructuredSparsity(Callback):
         self._mask_owner.clear()
         # After compaction some group types may have no plain layer left (every conv became a CompactConv2d):
         # build what still applies, type by type. These groups only keep remaining zeros frozen and log.
+        spec = self.group_spec()
         try:
-            groups = self._build_groups(pl_module, self.lambdas)
+            groups = self._build_groups(pl_module, spec)
         except (ValueError, RuntimeError):
             groups = []
-            for kind, lam in self.lambdas.items():
+            for kind, lam in spec.items():
                 try:
                     groups += self._build_groups(pl_module, {kind: lam})
                 except (ValueError, RuntimeError):
@@ -287,14 +356,7 @@ class StructuredSparsity(Callback):
         self._set_groups(pl_module, groups)
 
     def _register_step_hooks(self, trainer: Trainer) -> None:
-        optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
-        missing = sorted({m.name for g in self.groups for m in g.members if id(m.param) not in optimized})
-        if missing:
-            raise ValueError(
-                f"StructuredSparsity: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are regularized "
-                "but no optimizer updates them, so SSL cannot act on them; add them to an optimizer or exclude "
-                "their layers (exclude=[...])"
-            )
+        self._check_optimized(trainer)
         self._groups_of.clear()
         for opt in trainer.optimizers:
             lr_of = {id(p): group for group in opt.param_groups for p in group["params"]}
@@ -315,10 +377,16 @@ class StructuredSparsity(Callback):
     ) -> None:
         phase, scale = self.phase(trainer), self.lambda_scale(trainer)
         self._step_state = (phase, scale)
+        raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        for group in raw.param_groups:
+            if OWNED_DECAY_KEY in group:
+                group["weight_decay"] = group[OWNED_DECAY_KEY] * scale
         if phase == "ssl":
             # only the groups this optimizer updates: with several optimizers each group is acted on once
-            raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
             self.sparsity_method.before_step(self._groups_of.get(id(raw), self.groups), scale)
+        elif phase == "dense":  # train normally: the method's own parameters stay where they started
+            for p in self.sparsity_method.owned_parameters(pl_module).values():
+                p.grad = None
         if self._mask_owner:
             mask_grads_(self._params, self.masks)
 
@@ -336,16 +404,11 @@ class StructuredSparsity(Callback):
 
     def _stop_non_finite(self, trainer: Trainer, what: str) -> None:
         phase = self.phase(trainer)
-        fix = {
-            "dense": "lower the learning rate",
-            "ssl": "lower the learning rate or λ (lambdas)",
-            "finetune": "lower the learning rate or finetune_lr_factor",
-        }[phase]
         raise FloatingPointError(
-            f"StructuredSparsity: {what} at step {trainer.global_step} (epoch {trainer.current_epoch}, {phase} "
-            f"phase); training stopped before any checkpoint with non-finite values was written. To fix: {fix}, "
-            "enable gradient clipping (Trainer(gradient_clip_val=...)) or check the input data, then resume from "
-            "the last good checkpoint (Trainer.fit(..., ckpt_path=...))."
+            f"{self.name}: {what} at step {trainer.global_step} (epoch {trainer.current_epoch}, {phase} "
+            f"phase); training stopped before any checkpoint with non-finite values was written. To fix: "
+            f"{self._non_finite_fix[phase]}, enable gradient clipping (Trainer(gradient_clip_val=...)) or check the "
+            "input data, then resume from the last good checkpoint (Trainer.fit(..., ckpt_path=...))."
         )
 
     def _check_finite_weights(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -383,8 +446,25 @@ class StructuredSparsity(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.sparsity_method.owned_parameters(pl_module):
+            self.finish(trainer, pl_module)
         if self.compact_at_end is not None and self.compact_when == "fit_end":
             self.compact(trainer, pl_module, self.compact_at_end)
+
+    def finish(self, trainer: Trainer | None, pl_module: LightningModule) -> None:
+        """Hand the model back in plain form: the method folds its own parameters into the weights (for PSP the
+        scales α), the optimizers forget them, and masks keep acting on the weights only."""
+        owned = self.sparsity_method.owned_parameters(pl_module)
+        ids = {id(p) for p in owned.values()}
+        self.sparsity_method.finish(pl_module)
+        for name in owned:
+            self._params.pop(name, None)
+            self._mask_owner.pop(name, None)
+        for opt in trainer.optimizers if trainer is not None else []:
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            for p in [p for p in opt.state if id(p) in ids]:
+                del opt.state[p]
 
     def _compact_in_fit(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Compact at the SSL -> fine-tune boundary: optimizers follow the new parameters (state carried through
@@ -414,7 +494,7 @@ class StructuredSparsity(Callback):
         if batch is None:
             loader = trainer.train_dataloader
             if loader is None:
-                raise RuntimeError("StructuredSparsity.compact needs the training dataloader for example inputs")
+                raise RuntimeError(f"{self.name}.compact needs the training dataloader for example inputs")
             batch = next(iter(loader))
         x = batch[0] if isinstance(batch, list | tuple) else batch
         if not isinstance(x, Tensor):
@@ -428,7 +508,7 @@ class StructuredSparsity(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(report.metrics("compaction"), step=trainer.global_step)
-        rank_zero_info(f"StructuredSparsity: compacted {name}\n{report.to_markdown()}")
+        rank_zero_info(f"{self.name}: compacted {name}\n{report.to_markdown()}")
         return report
 
     @override
@@ -443,7 +523,7 @@ class StructuredSparsity(Callback):
 
     # ---------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Zero and freeze every group at or below ``prune_threshold``; scale LRs for fine-tuning."""
+        """Zero and freeze every group the method prunes (see ``prune_threshold``); scale LRs for fine-tuning."""
         masks = self.sparsity_method.prune_masks(self.groups, self.prune_threshold)
         masks = trainer.strategy.broadcast(masks, src=0)  # one decision for every DDP rank
         self._install_masks(pl_module, masks)
@@ -459,9 +539,10 @@ class StructuredSparsity(Callback):
                 sched = cfg.scheduler
                 if hasattr(sched, "base_lrs"):
                     sched.base_lrs = [lr * self.finetune_lr_factor for lr in sched.base_lrs]
-        kept = sum(int(m.sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
-        rank_zero_info(f"StructuredSparsity: pruned at {self.schedule.unit} {self.clock(trainer)}; kept {kept}/{total}")
+        weights = [m for p, m in masks.items() if p in group_parameters(self.groups)]
+        kept = sum(int(m.sum()) for m in weights)
+        total = sum(m.numel() for m in weights)
+        rank_zero_info(f"{self.name}: pruned at {self.schedule.unit} {self.clock(trainer)}; kept {kept}/{total}")
 
     def _install_masks(self, pl_module: LightningModule, masks: Mapping[str, Tensor]) -> None:
         """Masks live as non-persistent module buffers (they follow ``.to(device)``); the callback's own
@@ -480,28 +561,26 @@ class StructuredSparsity(Callback):
 
     # ---------------------------------------------------------------- logging
     def metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """All scalar figures: per-layer structure, per-type zero-group fractions, penalty, λ, phase."""
-        out = sparsity_report(pl_module, spatial=self._spatial, layers=self._layers).metrics("ssl")
-        scale = self.lambda_scale(trainer)
+        """All scalar figures: per-layer structure, per-type zero-group fractions, the method's own figures,
+        phase."""
+        prefix = self.log_prefix
+        out = sparsity_report(pl_module, spatial=self._spatial, layers=self._layers).metrics(prefix)
         zero: dict[str, list[int]] = {}
         for g in self.groups:
-            norms = g.norms()
+            zeros = self.sparsity_method.zero_groups(g)
             z = zero.setdefault(g.kind, [0, 0])
-            z[0] += int((norms == 0).sum())
+            z[0] += int(zeros.sum())
             z[1] += g.num_groups
             if g.kind == "depth":
-                out[f"ssl/{g.modules[0]}/depth_zero"] = float(norms.sum() == 0)
+                out[f"{prefix}/{g.modules[0]}/depth_zero"] = float(zeros.all())
         for kind, (nz, total) in zero.items():
-            out[f"ssl/total/{kind}_sparsity"] = nz / total
-        out["ssl/group_lasso"] = float(group_lasso(self.groups, 1.0))
-        for kind in GROUP_TYPES:
-            if kind in self.lambdas:
-                out[f"ssl/lambda/{kind}"] = self.lambdas[kind] * scale
-        out["ssl/phase"] = float(_PHASE_CODE[self.phase(trainer)])
+            out[f"{prefix}/total/{kind}_sparsity"] = nz / total
+        out.update(self.sparsity_method.metrics(self.groups, prefix, self.lambda_scale(trainer)))
+        out[f"{prefix}/phase"] = float(_PHASE_CODE[self.phase(trainer)])
         return out
 
     def log_sparsity(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Send :meth:`metrics` (and group-norm histograms to W&B) to every logger of the trainer."""
+        """Send :meth:`metrics` (and histograms to W&B) to every logger of the trainer."""
         if not trainer.loggers or not trainer.is_global_zero:
             return
         metrics = self.metrics(trainer, pl_module)
@@ -512,7 +591,8 @@ class StructuredSparsity(Callback):
         if self.log_histograms and wandb_loggers:
             import wandb
 
-            hists = {f"ssl_hist/{g.name}": wandb.Histogram(g.norms().cpu().tolist()) for g in self.groups}
+            values = self.sparsity_method.histograms(self.groups)
+            hists = {f"{self.log_prefix}_hist/{k}": wandb.Histogram(v.cpu().tolist()) for k, v in values.items()}
             for lg in wandb_loggers:
                 lg.log_metrics(hists, step=step)
 
@@ -530,7 +610,7 @@ class StructuredSparsity(Callback):
 
         image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
         for lg in loggers:
-            lg.log_image("ssl/layer_sparsity", [image], step=step)
+            lg.log_image(f"{self.log_prefix}/layer_sparsity", [image], step=step)
 
     # ------------------------------------------------------------ checkpoint
     @override
@@ -548,3 +628,12 @@ class StructuredSparsity(Callback):
         masks = state_dict.get("masks") or {}
         self._pending_masks = dict(masks) if masks else None
         self.sparsity_method.load_state_dict(state_dict.get("method", {}))  # absent in earlier checkpoints
+
+
+def __getattr__(name: str) -> Any:
+    """``ssl_lightning.callback.StructuredSparsity`` (its home before the method seam) keeps working."""
+    if name == "StructuredSparsity":
+        from ssl_lightning.methods.group_lasso import StructuredSparsity
+
+        return StructuredSparsity
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
-from ssl_lightning.callback import StructuredSparsity
+from ssl_lightning.callback import SparsityCallback
 from ssl_lightning.cli import STRICT_PARSER, check_recipe
 from ssl_lightning.compaction import compact_with_info
 from ssl_lightning.models import ImageClassifier
@@ -87,10 +87,13 @@ def _out_dir(path: str | Path) -> Path:
     return out
 
 
-def _ssl_callback(trainer: pl.Trainer, recipe: str) -> StructuredSparsity:
-    found = [c for c in trainer.callbacks if isinstance(c, StructuredSparsity)]  # type: ignore[attr-defined]
+def _ssl_callback(trainer: pl.Trainer, recipe: str) -> SparsityCallback:
+    found = [c for c in trainer.callbacks if isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
     if len(found) != 1:
-        raise ValueError(f"{recipe}: a run recipe needs exactly one StructuredSparsity callback, found {len(found)}")
+        raise ValueError(
+            f"{recipe}: a run recipe needs exactly one sparsity callback (StructuredSparsity or "
+            f"ParameterizedPruning), found {len(found)}"
+        )
     return found[0]
 
 
@@ -155,7 +158,7 @@ def run(
     if baseline:  # same recipe, same seed, without the SSL callback
         base = _build(recipe, overrides)
         _ssl_callback(base.trainer, recipe)
-        base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, StructuredSparsity)]  # type: ignore[attr-defined]
+        base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         base.trainer.fit(base.model, datamodule=base.datamodule)
         baseline_acc = _metric(base.trainer, "val_acc", base.datamodule)
     main = _build(recipe, overrides)
@@ -188,7 +191,7 @@ def _metric(trainer: pl.Trainer, key: str, data: pl.LightningDataModule) -> floa
     return float(value) if value is not None else float("nan")
 
 
-def _write(result: RunResult, info: Any, net: nn.Module, ssl: StructuredSparsity, recipe: str) -> None:
+def _write(result: RunResult, info: Any, net: nn.Module, ssl: SparsityCallback, recipe: str) -> None:
     out = result.out_dir
     _save_png(plot_layer_sparsity(result.sparsity), out / "layer_sparsity.png")
     first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
@@ -202,7 +205,8 @@ def _write(result: RunResult, info: Any, net: nn.Module, ssl: StructuredSparsity
         "compacted_layers": info.replaced,
         "depth_removed": [e["module"] for e in info.depth],
         "notes": info.notes,
-        "lambdas": ssl.lambdas,
+        "method": ssl.name,
+        "strengths": ssl.group_spec(),
         "max_abs_error": info.max_abs_error,
     }
     (out / "report.json").write_text(json.dumps(data, indent=1, default=float))
@@ -252,7 +256,7 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
     for lam in lambdas:
         cli = _build(recipe, list(overrides or []))
         ssl = _ssl_callback(cli.trainer, recipe)
-        ssl.lambdas = dict.fromkeys(ssl.lambdas, lam)
+        ssl.set_strength(lam)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         net = copy.deepcopy(cli.model.model).eval()
         rep = sparsity_report(net, _val_batch(cli.datamodule, 1).to(cli.model.device))

@@ -1,8 +1,12 @@
-"""Sparsity methods: what happens to the groups around each optimizer step and how pruning decides. The shared
-machinery (phases, masks, checkpoints, logging, compaction) lives in the callback; see
-:mod:`ssl_lightning.methods.base`."""
+"""Sparsity methods, one module each, on the shared callback base :class:`ssl_lightning.callback.SparsityCallback`:
+
+- :mod:`~ssl_lightning.methods.group_lasso`: SSL's group lasso (:class:`GroupLasso`, :class:`StructuredSparsity`)
+- :mod:`~ssl_lightning.methods.psp`: Parameterized Structured Pruning (:class:`ParameterizedPruning`)
+
+The seam a method implements is :class:`~ssl_lightning.methods.base.SparsityMethod`.
+"""
 
 from ssl_lightning.methods.base import SparsityMethod
-from ssl_lightning.methods.group_lasso import GroupLasso
+from ssl_lightning.methods.group_lasso import GroupLasso, StructuredSparsity
 
-__all__ = ["GroupLasso", "SparsityMethod"]
+__all__ = ["GroupLasso", "SparsityMethod", "StructuredSparsity"]
