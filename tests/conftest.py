@@ -67,6 +67,13 @@ class Module(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
 
 
+class PlainSGD(Module):
+    """SGD without momentum: a PSP α then decays monotonically (momentum makes it overshoot 0 and oscillate)."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=1e-4)
+
+
 def loader(n: int = 64, batch: int = 16, seed: int = 0, shape: tuple[int, ...] = (3, 8, 8)) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_lightning import CompactConv2d, CompactionCheckpointing, StructuredSparsity
+from ssl_lightning.callback import SparsityCallback
 
 
 class Net(nn.Module):
@@ -57,12 +58,23 @@ def probe() -> Tensor:
 
 
 class DigestPerRank(pl.Callback):
-    def __init__(self, out: Path) -> None:
-        self.out = out
+    """Saves ``rank{r}.pt`` at the end of fit (after compaction) or, with ``at="train_end"``, when training ends
+    (before a PSP callback folds its α into the weights)."""
+
+    def __init__(self, out: Path, at: str = "fit_end") -> None:
+        self.out, self.at = out, at
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at == "train_end":
+            self._save(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # after the compaction
-        ssl = next(c for c in trainer.callbacks if isinstance(c, StructuredSparsity))  # type: ignore[attr-defined]
-        masks = torch.cat([m.flatten().float() for _, m in sorted(ssl.masks.items())])
+        if self.at == "fit_end":
+            self._save(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cb = next(c for c in trainer.callbacks if isinstance(c, SparsityCallback))  # type: ignore[attr-defined]
+        masks = torch.cat([m.flatten().float() for _, m in sorted(cb.masks.items())])
         weights = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         digest = torch.stack(
             [masks.sum(), torch.tensor(float(masks.numel())), (masks * torch.arange(len(masks))).sum(), weights.sum()]
@@ -73,10 +85,25 @@ class DigestPerRank(pl.Callback):
             "gathered": trainer.strategy.all_gather(digest),
             "output": output,
             "compacted": [n for n, m in pl_module.named_modules() if isinstance(m, CompactConv2d)],
-            "pruned": ssl._pruned,
+            "pruned": cb._pruned,
             "world_size": trainer.world_size,
+            "alphas": sum(p.numel() for n, p in pl_module.named_parameters() if ".alpha_" in n),
         }
         torch.save(saved, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class SetAlpha(pl.Callback):
+    """Every other PSP α starts at ``low`` (after the dense phase α is trained): with decay, those fall under the
+    threshold while the others stay, independently of what the loss on random data defends."""
+
+    def __init__(self, low: float = 0.02) -> None:
+        self.low = low
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for name, p in pl_module.named_parameters():
+                if ".alpha_" in name:
+                    p[1::2] = self.low
 
 
 def main() -> None:

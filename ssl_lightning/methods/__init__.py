@@ -8,5 +8,6 @@ The seam a method implements is :class:`~ssl_lightning.methods.base.SparsityMeth
 
 from ssl_lightning.methods.base import SparsityMethod
 from ssl_lightning.methods.group_lasso import GroupLasso, StructuredSparsity
+from ssl_lightning.methods.psp import PSP, ParameterizedPruning
 
-__all__ = ["GroupLasso", "SparsityMethod", "StructuredSparsity"]
+__all__ = ["PSP", "GroupLasso", "ParameterizedPruning", "SparsityMethod", "StructuredSparsity"]
