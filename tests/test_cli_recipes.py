@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_lightning import StructuredSparsity
+from ssl_lightning import ParameterizedPruning, StructuredSparsity
 from ssl_lightning.cli import cli
 
 from .test_data_formats import write_cifar
@@ -26,15 +26,31 @@ def test_embedded_data_recipes_run(tmp_path: Path, recipe: str) -> None:
     assert ssl.groups and ssl.schedule.ssl_start == 2
 
 
-@pytest.mark.parametrize("recipe", ["convnet_cifar10.yaml", "resnet20_cifar10_depth.yaml"])
+def test_psp_recipe_runs_through_fit_and_run(tmp_path: Path) -> None:
+    from ssl_lightning.pipeline import run as run_pipeline
+
+    recipe = str(RECIPES / "lenet_mnist5k_psp.yaml")
+    fit = cli(["fit", "--config", recipe, *FAST, "--trainer.default_root_dir", str(tmp_path)])
+    (psp,) = [c for c in fit.trainer.callbacks if isinstance(c, ParameterizedPruning)]
+    assert {g.kind for g in psp.groups} == {"filter", "channel"} and psp.structures == {"filter": 0.1, "channel": 0.1}
+    assert fit.trainer.global_step == 3
+    assert not any("alpha" in n for n, _ in fit.model.named_parameters())  # folded when fit ended
+    result = run_pipeline(recipe, [*FAST, "--trainer.default_root_dir", str(tmp_path)], out_dir=str(tmp_path / "r"))
+    report = (tmp_path / "r" / "report.json").read_text()
+    assert '"method": "ParameterizedPruning"' in report and result.compaction
+
+
+@pytest.mark.parametrize("recipe", ["convnet_cifar10.yaml", "resnet20_cifar10_depth.yaml", "resnet20_cifar10_psp.yaml"])
 def test_cifar_recipes_run_on_cifar_batches(tmp_path: Path, recipe: str) -> None:
     write_cifar(tmp_path / "cifar", 10, n=8)
     args = ["fit", "--config", str(RECIPES / recipe), *FAST, "--trainer.default_root_dir", str(tmp_path)]
     run = cli([*args, "--data.init_args.root", str(tmp_path / "cifar"), "--data.init_args.batch_size", "4"])
     assert run.trainer.global_step == 3
-    (ssl,) = [c for c in run.trainer.callbacks if isinstance(c, StructuredSparsity)]
-    if recipe.startswith("resnet20"):
+    (ssl,) = [c for c in run.trainer.callbacks if isinstance(c, StructuredSparsity | ParameterizedPruning)]
+    if recipe == "resnet20_cifar10_depth.yaml":
         assert {g.kind for g in ssl.groups} == {"depth"} and len(ssl.groups) == 9
+    if recipe == "resnet20_cifar10_psp.yaml":
+        assert {g.kind for g in ssl.groups} == {"channel"} and len(ssl.groups) == 21  # 19 convs, 2 shortcut projections
 
 
 def test_imagenet_recipe_runs_on_an_image_folder(tmp_path: Path) -> None:
@@ -89,6 +105,8 @@ def test_every_recipe_is_tested() -> None:
         "mlp_mnist5k_neurons.yaml",
         "convnet_cifar10.yaml",
         "resnet20_cifar10_depth.yaml",
+        "lenet_mnist5k_psp.yaml",
+        "resnet20_cifar10_psp.yaml",
         "alexnet_imagenet.yaml",
     }
     assert {p.name for p in RECIPES.glob("*.yaml")} == tested

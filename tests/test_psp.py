@@ -326,3 +326,16 @@ def test_compact_at_end_compacts_the_folded_model(tmp_path: Path) -> None:
     trainer(tmp_path, max_epochs=5, callbacks=[cb, SetAlpha()]).fit(module, loader())
     assert cb.compaction is not None and cb.compaction.params_compact < cb.compaction.params
     assert module.net.fc1.in_features == 64 or any(isinstance(m, CompactConv2d) for m in module.net.modules())
+
+
+def test_alpha_histograms_and_figures_reach_wandb_offline_files(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from .conftest import read_wandb_history
+
+    logger = WandbLogger(save_dir=str(tmp_path), project="psp-test", offline=True)
+    cb = ParameterizedPruning({"channel": 5.0}, phases=PHASES, log_every_n_steps=4)
+    trainer(tmp_path, max_epochs=4, callbacks=[cb, SetAlpha()], logger=logger).fit(PlainSGD(), loader())
+    logger.experiment.finish()
+    keys = set().union(*read_wandb_history(tmp_path))
+    assert {"psp_hist/net.conv2:channel/alpha", "psp/total/alpha_below", "psp/layer_sparsity/_type"} <= keys
