@@ -338,4 +338,4 @@ def test_alpha_histograms_and_figures_reach_wandb_offline_files(tmp_path: Path) 
     trainer(tmp_path, max_epochs=4, callbacks=[cb, SetAlpha()], logger=logger).fit(PlainSGD(), loader())
     logger.experiment.finish()
     keys = set().union(*read_wandb_history(tmp_path))
-    assert {"psp_hist/net.conv2:channel/alpha", "psp/total/alpha_below", "psp/layer_sparsity/_type"} <= keys
+    assert {"psp_hist/net.conv2:channel/alpha/_type", "psp/total/alpha_below", "psp/layer_sparsity/_type"} <= keys
