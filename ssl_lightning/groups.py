@@ -10,6 +10,8 @@ Group types (W is a Conv2d weight N x C/g x KH x KW, g conv groups; L a Linear w
     channel    W[bank, c]  per input channel (all filters of c's conv-group bank)
     shape      W[bank, c, kh, kw]           (a GEMM column, per conv-group bank)
     kernel2d   W[n, c]                      (one 2-D kernel)
+    vector     W[n, c, kh]                  (one kernel row, Mao et al.'s 1-D granularity)
+    element    one weight (Conv2d or Linear; group lasso over singletons is ℓ1, Mao et al.'s 0-D granularity)
     neuron_out L[j, :]   all input connections of output neuron j (zero -> neuron j removable)
     neuron_in  L[:, i]   all connections of input feature i (zero -> input i removable)
     depth      every weight of a residual branch (zero -> the block is removable)
@@ -40,10 +42,14 @@ __all__ = [
     "validate_lambdas",
 ]
 
-GroupType: TypeAlias = Literal["filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth"]
-GROUP_TYPES: tuple[str, ...] = ("filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth")
-CONV_TYPES = ("filter", "channel", "shape", "kernel2d")
-LINEAR_TYPES = ("neuron_in", "neuron_out")
+GroupType: TypeAlias = Literal[
+    "filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth", "vector", "element"
+]
+GROUP_TYPES: tuple[str, ...] = (
+    "filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth", "vector", "element"
+)
+CONV_TYPES = ("filter", "channel", "shape", "kernel2d", "vector", "element")
+LINEAR_TYPES = ("neuron_in", "neuron_out", "element")
 Selector: TypeAlias = str | type[nn.Module]
 
 
@@ -160,6 +166,10 @@ def conv_member(name: str, w: Tensor, kind: str, groups: int) -> Member:
         return Member(name, w, (groups, n // groups, cg * kh * kw), (1,))
     if kind == "kernel2d":
         return Member(name, w, (n * cg, kh * kw), (1,))
+    if kind == "vector":
+        return Member(name, w, (n * cg * kh, kw), (1,))
+    if kind == "element":
+        return Member(name, w, (w.numel(), 1), (1,))
     raise ValueError(f"group type {kind!r} does not apply to Conv2d; use one of {CONV_TYPES}")
 
 
@@ -169,6 +179,8 @@ def linear_member(name: str, w: Tensor, kind: str) -> Member:
         return Member(name, w, (out, inp), (1,))
     if kind == "neuron_in":
         return Member(name, w, (out, inp), (0,))
+    if kind == "element":
+        return Member(name, w, (out * inp, 1), (1,))
     raise ValueError(f"group type {kind!r} does not apply to Linear; use one of {LINEAR_TYPES}")
 
 

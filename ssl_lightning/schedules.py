@@ -100,3 +100,43 @@ def lambda_factor(schedule: PhaseSchedule, t: int, kind: LambdaKind = "constant"
             raise ValueError("lambda schedule 'ramp' needs an SSL phase with an end; use 'warmup' instead")
         return min(1.0, k / (schedule.ssl_end - schedule.ssl_start))
     raise ValueError(f"lambda schedule must be one of {LAMBDA_SCHEDULES}, got {kind!r}")
+
+
+PRUNE_SCHEDULES: tuple[str, ...] = ("one_shot", "iterative", "gradual")
+
+
+def sparsity_target(
+    schedule: PhaseSchedule,
+    t: int,
+    final: float,
+    kind: str = "one_shot",
+    *,
+    cycles: int = 3,
+    frequency: int = 1,
+    initial: float = 0.0,
+) -> float:
+    """Fraction of groups pruned at clock ``t`` (magnitude pruning, :mod:`ssl_lightning.methods.granularity`).
+
+    The pruning window is the ``ssl`` phase [t0, t1); fine-tuning (from t1) holds ``final``.
+        one_shot   0 before t1, ``final`` from t1 (prune once at the boundary).
+        iterative  ``cycles`` prune → fine-tune cycles: at t0 + k·(t1 − t0)/cycles (k = 0..cycles−1) the target
+                   becomes 1 − (1 − final)^((k+1)/cycles), the same fraction of what is left each time.
+        gradual    Zhu & Gupta (2017): s(t) = final + (initial − final)·(1 − (t − t0)/(t1 − t0))³, updated every
+                   ``frequency`` clock units from t0 and reaching ``final`` at t1.
+    """
+    if kind not in PRUNE_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(map(repr, PRUNE_SCHEDULES))}, got {kind!r}")
+    if schedule.ssl_end is None:
+        raise ValueError("a pruning schedule needs an 'ssl' phase with an end, e.g. phases={'ssl': [0, 10]}")
+    t0, t1 = schedule.ssl_start, schedule.ssl_end
+    if t >= t1:
+        return final
+    if t < t0:
+        return 0.0
+    if kind == "one_shot":
+        return 0.0
+    if kind == "iterative":
+        k = (t - t0) * cycles // (t1 - t0)  # the cycle t is in
+        return 1.0 - (1.0 - final) ** ((k + 1) / cycles)
+    step = (t - t0) // frequency * frequency  # the last update at or before t
+    return final + (initial - final) * (1.0 - step / (t1 - t0)) ** 3
