@@ -1,11 +1,12 @@
 """Structured Sparsity Learning for PyTorch Lightning.
 
-Public API: the callbacks :class:`StructuredSparsity` (SSL's group lasso) and :class:`ParameterizedPruning`
-(PSP), :func:`build_groups`, :func:`sparsity_report`, the penalty
-functions in :mod:`ssl_lightning.penalty`, schedules in :mod:`ssl_lightning.schedules`, compiled ops in
-:mod:`ssl_lightning.ops`, and compaction: :func:`compact` / :func:`compact_with_info` (depth, channel and shape
-removal, equivalence-checked), :func:`compaction_report`, :class:`CompactConv2d`, :class:`CompactLinear`,
-plans (:func:`compaction_plan`, :func:`apply_compaction_plan`) and :class:`CompactionCheckpointing`.
+Public API: the callbacks :class:`StructuredSparsity` (SSL's group lasso), :class:`ParameterizedPruning` (PSP)
+and :class:`GranularityPruning` (magnitude pruning at a granularity); :func:`build_groups`,
+:func:`sparsity_report`, the penalty functions in :mod:`ssl_lightning.penalty`, schedules in
+:mod:`ssl_lightning.schedules`, compiled ops in :mod:`ssl_lightning.ops`, and compaction: :func:`compact` /
+:func:`compact_with_info` (depth, channel and shape removal, equivalence-checked), :func:`compaction_report`,
+:class:`CompactConv2d`, :class:`CompactLinear`, plans (:func:`compaction_plan`, :func:`apply_compaction_plan`)
+and :class:`CompactionCheckpointing`.
 """
 
 from ssl_lightning.compaction import (
@@ -21,7 +22,7 @@ from ssl_lightning.compaction import (
     restore_compaction,
 )
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
-from ssl_lightning.methods import ParameterizedPruning, StructuredSparsity
+from ssl_lightning.methods import GranularityPruning, ParameterizedPruning, StructuredSparsity
 from ssl_lightning.report import CompactionReport, SparsityReport, compaction_report, sparsity_report
 from ssl_lightning.schedules import PhaseSchedule
 from ssl_lightning.timing import interleaved_times, settle_allocator
@@ -33,6 +34,7 @@ __all__ = [
     "CompactionCheckpointing",
     "CompactionError",
     "CompactionReport",
+    "GranularityPruning",
     "Group",
     "Member",
     "ParameterizedPruning",

@@ -366,7 +366,15 @@ class SparsityCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._pruned and self.phase(trainer) == "finetune":
+        phase = self.phase(trainer)
+        if not self._pruned and phase == "ssl":
+            self.sparsity_method.current_masks = self.masks
+            masks = self.sparsity_method.masks_at(self.groups, self.clock(trainer))
+            if masks is not None:
+                masks = trainer.strategy.broadcast(masks, src=0)  # one decision for every DDP rank
+                self._install_masks(pl_module, masks)
+                apply_masks_(self._params, self.masks)
+        if not self._pruned and phase == "finetune":
             self.prune(trainer, pl_module)
             if self.compact_when == "prune" and self.compact_at_end is not None:
                 self._compact_in_fit(trainer, pl_module, batch)
@@ -524,6 +532,7 @@ class SparsityCallback(Callback):
     # ---------------------------------------------------------------- pruning
     def prune(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Zero and freeze every group the method prunes (see ``prune_threshold``); scale LRs for fine-tuning."""
+        self.sparsity_method.current_masks = self.masks
         masks = self.sparsity_method.prune_masks(self.groups, self.prune_threshold)
         masks = trainer.strategy.broadcast(masks, src=0)  # one decision for every DDP rank
         self._install_masks(pl_module, masks)

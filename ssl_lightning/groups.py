@@ -46,7 +46,15 @@ GroupType: TypeAlias = Literal[
     "filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth", "vector", "element"
 ]
 GROUP_TYPES: tuple[str, ...] = (
-    "filter", "channel", "shape", "kernel2d", "neuron_in", "neuron_out", "depth", "vector", "element"
+    "filter",
+    "channel",
+    "shape",
+    "kernel2d",
+    "neuron_in",
+    "neuron_out",
+    "depth",
+    "vector",
+    "element",
 )
 CONV_TYPES = ("filter", "channel", "shape", "kernel2d", "vector", "element")
 LINEAR_TYPES = ("neuron_in", "neuron_out", "element")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_lightning.graph import capture_inputs
-from ssl_lightning.groups import weight_of
+from ssl_lightning.groups import conv_member, linear_member, weight_of
 from ssl_lightning.ops import lowered_nonzero
 from ssl_lightning.timing import interleaved_times
 
@@ -19,9 +19,12 @@ __all__ = [
     "LayerComparison",
     "LayerStats",
     "SparsityReport",
+    "StorageStats",
     "compaction_report",
+    "index_storage",
     "record_spatial",
     "sparsity_report",
+    "storage_report",
 ]
 
 
@@ -213,6 +216,105 @@ def plot_layer_sparsity(report: SparsityReport) -> Any:
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
     plt.close(fig)
     return image
+
+
+@dataclass
+class StorageStats:
+    """Bits to store one pruned weight at a granularity (kept values + relative indices, with fillers) against
+    dense storage; ``bytes_read`` is the weight + index bytes one inference reads (the memory-reference proxy
+    of Mao et al.)."""
+
+    name: str
+    granularity: str
+    groups: int
+    groups_kept: int
+    group_size: int
+    fillers: int
+    value_bits: int
+    index_bits: int
+    dense_bits: int
+    value_bits_total: int
+    index_bits_total: int
+
+    @property
+    def stored_bits(self) -> int:
+        return self.value_bits_total + self.index_bits_total
+
+    @property
+    def compression(self) -> float:
+        """Dense bits / stored bits (values and indices)."""
+        return self.dense_bits / self.stored_bits if self.stored_bits else float("inf")
+
+    @property
+    def bytes_read(self) -> float:
+        return self.stored_bits / 8
+
+
+def index_storage(keep: Tensor, index_bits: int = 4) -> tuple[int, int]:
+    """(entries, fillers) to store the kept groups of a flat bool ``keep`` (groups in storage order) with
+    relative indices (deep compression's convention, Han et al. 2016): each entry stores the distance to the
+    previous entry in ``index_bits`` bits (1 .. 2^index_bits); a larger distance takes filler entries (a stored
+    all-zero group) every 2^index_bits positions. Entries include the fillers."""
+    if not isinstance(index_bits, int) or isinstance(index_bits, bool) or index_bits < 1:
+        raise ValueError(f"index_bits must be an int >= 1, got {index_bits!r}")
+    span = 2**index_bits
+    positions = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
+    if positions.numel() == 0:
+        return 0, 0
+    previous = torch.cat([positions.new_tensor([-1]), positions[:-1]])
+    distance = positions - previous  # >= 1
+    fillers = int(((distance - 1) // span).sum())
+    return int(positions.numel()) + fillers, fillers
+
+
+_STORAGE_TYPES = {
+    "element": "element",
+    "vector": "vector",
+    "kernel": "kernel2d",
+    "filter": "filter",
+    "channel": "channel",
+    "shape": "shape",
+}
+
+
+def storage_report(
+    model: nn.Module,
+    granularity: str,
+    *,
+    value_bits: int = 32,
+    index_bits: int = 4,
+    layers: Iterable[str] | None = None,
+) -> list[StorageStats]:
+    """:class:`StorageStats` of every Conv2d (and, for ``element``, Linear) weight of ``model`` stored at
+    ``granularity`` (``element``, ``vector``, ``kernel``, ``filter``, ``channel``, ``shape``): a group is kept
+    when any of its weights is non-zero. ``layers`` restricts the report to those module names."""
+    if granularity not in _STORAGE_TYPES:
+        raise ValueError(f"granularity must be one of {', '.join(map(repr, _STORAGE_TYPES))}, got {granularity!r}")
+    if not isinstance(value_bits, int) or isinstance(value_bits, bool) or value_bits < 1:
+        raise ValueError(f"value_bits must be an int >= 1, got {value_bits!r}")
+    index_storage(torch.zeros(0, dtype=torch.bool), index_bits)  # checks index_bits before any work
+    kind = _STORAGE_TYPES[granularity]
+    wanted = set(layers) if layers is not None else None
+    out = []
+    for name, mod in model.named_modules():
+        if wanted is not None and name not in wanted:
+            continue
+        if isinstance(mod, nn.Conv2d):
+            member = conv_member(name, weight_of(mod), kind, mod.groups)
+        elif isinstance(mod, nn.Linear) and kind == "element":
+            member = linear_member(name, weight_of(mod), kind)
+        else:
+            continue
+        w = weight_of(mod).detach()
+        keep = member.reduce_sq((w != 0).float()) > 0
+        entries, fillers = index_storage(keep, index_bits)
+        out.append(
+            StorageStats(
+                name, granularity, member.num_groups, int(keep.sum()), member.group_size, fillers, value_bits,
+                index_bits, w.numel() * value_bits, entries * member.group_size * value_bits, entries * index_bits,
+            )
+        )  # fmt: skip
+    return out
 
 
 @dataclass

@@ -8,13 +8,14 @@ checks, optimizer groups for a method's own parameters, and compaction. A method
   :meth:`after_step`),
 - which extra parameters it owns (:meth:`attach`, :meth:`owned_parameters`, :meth:`anchors`) and how they go
   back into the weights at the end (:meth:`finish`),
-- which groups it prunes at the prune boundary (:meth:`prune_masks`) and which count as zero now
+- which groups it prunes during the sparsity phase (:meth:`masks_at`) and at the prune boundary
+  (:meth:`prune_masks`), and which count as zero now
   (:meth:`zero_groups`), and what it logs (:meth:`metrics`, :meth:`histograms`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -34,6 +35,8 @@ class SparsityMethod:
 
     name = "none"
     label = "the sparsity method"  # how errors name what acts on the weights
+    #: the callback's keep-masks by parameter name, set by the callback before each pruning call
+    current_masks: Mapping[str, Tensor] = {}
 
     def attach(self, module: nn.Module, groups: Sequence[Group]) -> None:
         """Called once the groups exist, before a checkpoint is restored: create the method's own parameters."""
@@ -58,6 +61,12 @@ class SparsityMethod:
         self, groups: Sequence[Group], params: Sequence[Tensor], scale: float, lr_of: Callable[[Tensor], float]
     ) -> None:
         """The optimizer has stepped; ``lr_of(param)`` is the learning rate it used for ``param``."""
+
+    def masks_at(self, groups: Sequence[Group], t: int) -> dict[str, Tensor] | None:
+        """Called before every training batch of the sparsity phase with the clock ``t``: new keep-masks to
+        install now (pruning during the phase, e.g. a gradual schedule), or None for no change."""
+        del groups, t
+        return None
 
     def prune_masks(self, groups: Sequence[Group], threshold: float) -> dict[str, Tensor]:
         """Keep-masks by parameter name (bool, parameter-shaped) taken at the prune boundary."""
