@@ -177,6 +177,7 @@ def test_layer_sparsity_overrides_the_target(tmp_path: Path) -> None:
         ({"schedule": "cosine"}, r"schedule must be one of 'one_shot', 'iterative', 'gradual', got 'cosine'"),
         ({"scope": "model"}, r"scope must be one of 'layer', 'global', got 'model'"),
         ({"cycles": 0}, r"cycles must be an int >= 1, got 0"),
+        ({"index_bits": 0}, r"index_bits must be an int >= 1, got 0"),
         ({"phases": {"ssl": [0, None]}}, r"phases must give the pruning window as an 'ssl' interval with an end"),
         ({"phases": {"ssl": [5, 2]}}, r"phases\['ssl'\]: end must be None or an int > start, got \[5, 2\]"),
     ],
@@ -235,3 +236,23 @@ def test_storage_report_against_a_hand_computed_layer() -> None:
     assert (filt.groups, filt.groups_kept, filt.group_size) == (3, 2, 18)
     with pytest.raises(ValueError, match=r"granularity must be one of 'element', 'vector'"):
         storage_report(model, "row")
+
+
+def test_logs_targets_and_storage_of_its_granularity(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from ssl_lightning.report import storage_report
+
+    torch.manual_seed(0)
+    module = PlainSGD()
+    logger = CSVLogger(tmp_path)
+    cb = GranularityPruning("kernel", 0.5, phases=PHASES, include=["net.conv2"], index_bits=3, log_every_n_steps=4)
+    trainer(tmp_path, max_epochs=4, callbacks=[cb], logger=logger).fit(module, loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        last = {k: float(v) for k, v in list(csv.DictReader(f))[-1].items() if v != ""}
+    (expected,) = storage_report(module, "kernel", index_bits=3, layers=["net.conv2"])
+    assert last["granularity/net.conv2/compression"] == pytest.approx(expected.compression)
+    assert last["granularity/total/bytes_read"] == pytest.approx(expected.bytes_read)
+    assert last["granularity/net.conv2/kernel2d_target"] == 0.5 and last["granularity/total/kernel2d_sparsity"] == 0.5

@@ -31,6 +31,7 @@ from typing_extensions import override
 from ssl_lightning.callback import SparsityCallback, _check_choice, _check_number
 from ssl_lightning.groups import Group, Selector
 from ssl_lightning.methods.base import SparsityMethod
+from ssl_lightning.report import index_storage
 from ssl_lightning.schedules import PRUNE_SCHEDULES, PhaseSchedule, sparsity_target
 
 __all__ = ["GRANULARITIES", "GranularityPruning", "MagnitudePruning"]
@@ -59,8 +60,11 @@ class MagnitudePruning(SparsityMethod):
         scope: Literal["layer", "global"] = "layer",
         cycles: int = 3,
         frequency: int = 1,
+        value_bits: int = 32,
+        index_bits: int = 4,
     ) -> None:
         self.schedule, self.kind, self.scope, self.cycles, self.frequency = schedule, kind, scope, cycles, frequency
+        self.value_bits, self.index_bits = value_bits, index_bits
         self._applied = -1.0  # the fraction (of the schedule's final) last applied
 
     def fraction(self, t: int) -> float:
@@ -135,9 +139,22 @@ class MagnitudePruning(SparsityMethod):
 
     @override
     def metrics(self, groups: Sequence[Group], prefix: str, scale: float) -> dict[str, float]:
+        """Targets, and the storage of each layer at this granularity: compression against dense (kept values
+        + relative indices with fillers, see :func:`~ssl_lightning.report.index_storage`) and bytes read."""
         out = {f"{prefix}/target_fraction": max(self._applied, 0.0)}
+        dense = stored = 0
         for g in groups:
-            out[f"{prefix}/{g.modules[0]}/{g.kind}_target"] = max(self._applied, 0.0) * g.lam
+            layer = g.modules[0]
+            out[f"{prefix}/{layer}/{g.kind}_target"] = max(self._applied, 0.0) * g.lam
+            entries, _ = index_storage((g.norms() > 0).cpu(), self.index_bits)
+            bits = entries * (g.group_size * self.value_bits + self.index_bits)
+            numel = g.num_groups * g.group_size
+            dense, stored = dense + numel * self.value_bits, stored + bits
+            out[f"{prefix}/{layer}/compression"] = numel * self.value_bits / bits if bits else float("inf")
+            out[f"{prefix}/{layer}/bytes_read"] = bits / 8
+        if groups:
+            out[f"{prefix}/total/compression"] = dense / stored if stored else float("inf")
+            out[f"{prefix}/total/bytes_read"] = stored / 8
         return out
 
     @override
@@ -162,6 +179,8 @@ class GranularityPruning(SparsityCallback):
             selected layers together, by size-normalised magnitude, reach ``sparsity``).
         schedule: ``"one_shot"`` (prune once when the ``ssl`` phase ends), ``"iterative"`` (``cycles`` prune →
             fine-tune cycles over the ``ssl`` phase) or ``"gradual"`` (cubic, every ``frequency`` clock units).
+        value_bits, index_bits: storage widths for the logged compression and bytes read (kept values and
+            relative indices with fillers, see :func:`~ssl_lightning.report.index_storage`).
         phases: ``{"dense": [0, a], "ssl": [a, b], "finetune": [b, None]}``; ``ssl`` is the pruning window and
             must end (at ``b`` the final sparsity holds).
         include, exclude, unit, finetune_lr_factor, log_every_n_steps, log_histograms, compact_at_end,
@@ -180,6 +199,8 @@ class GranularityPruning(SparsityCallback):
         schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot",
         cycles: int = 3,
         frequency: int = 1,
+        value_bits: int = 32,
+        index_bits: int = 4,
         phases: Mapping[str, Sequence[int | None]] | None = None,
         include: Sequence[Selector] | None = None,
         exclude: Sequence[Selector] = (),
@@ -202,6 +223,9 @@ class GranularityPruning(SparsityCallback):
             raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
         if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
             raise ValueError(f"frequency must be an int >= 1 ({unit}s), got {frequency!r}")
+        for arg, bits in (("value_bits", value_bits), ("index_bits", index_bits)):
+            if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+                raise ValueError(f"{arg} must be an int >= 1, got {bits!r}")
         if scope == "global" and layer_sparsity:
             raise ValueError("layer_sparsity sets per-layer targets, which scope='global' does not have; use one")
         phases = phases or {}
@@ -233,7 +257,9 @@ class GranularityPruning(SparsityCallback):
         )
         self.granularity, self.sparsity, self.scope = granularity, sparsity, scope
         self.group_type = kind
-        self.sparsity_method: MagnitudePruning = MagnitudePruning(self.schedule, schedule, scope, cycles, frequency)
+        self.sparsity_method: MagnitudePruning = MagnitudePruning(
+            self.schedule, schedule, scope, cycles, frequency, value_bits, index_bits
+        )
 
     def group_spec(self) -> dict[str, float]:
         return {self.group_type: self.sparsity}
