@@ -20,6 +20,7 @@ from ssl_lightning.compaction import (
     compaction_plan,
     compaction_plans,
     restore_compaction,
+    sparsify,
 )
 from ssl_lightning.groups import GROUP_TYPES, Group, Member, build_groups
 from ssl_lightning.methods import GranularityPruning, ParameterizedPruning, StructuredSparsity
@@ -51,6 +52,7 @@ __all__ = [
     "interleaved_times",
     "restore_compaction",
     "settle_allocator",
+    "sparsify",
     "sparsity_report",
 ]
 __version__ = "0.1.0"

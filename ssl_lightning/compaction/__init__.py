@@ -16,7 +16,8 @@ Stages, on a deep copy of the model (the original is untouched), in :mod:`~ssl_l
 The result is checked against the original on the example and random inputs; a mismatch raises
 :class:`CompactionError` naming the first layer that differs. :mod:`~ssl_lightning.compaction.plans` saves and
 re-applies the structure (plans, the checkpoint mixin); :mod:`~ssl_lightning.compaction.optim_state` carries
-optimizer state through a compaction.
+optimizer state through a compaction. Irregular (ℓ1) sparsity has its own inference path:
+:func:`~ssl_lightning.compaction.sparse.sparsify` (CSR weights × lowered input).
 """
 
 from ssl_lightning.compaction.channels import ChannelPlan, PaddedFoldConv2d, SparseChannelLRN
@@ -32,6 +33,7 @@ from ssl_lightning.compaction.plans import (
     compaction_plans,
     restore_compaction,
 )
+from ssl_lightning.compaction.sparse import SparseConv2d, SparseLinear, sparsify
 from ssl_lightning.compaction.stages import CompactionError, CompactionResult, compact, compact_with_info
 
 __all__ = [
@@ -46,11 +48,14 @@ __all__ = [
     "CompactionResult",
     "PaddedFoldConv2d",
     "SparseChannelLRN",
+    "SparseConv2d",
+    "SparseLinear",
     "apply_compaction_plan",
     "compact",
     "compact_with_info",
     "compaction_plan",
     "compaction_plans",
     "restore_compaction",
+    "sparsify",
     "transfer_optimizer_state",
 ]
