@@ -9,7 +9,7 @@ LeNet (Table 2 row 4) layers. Columns, all whole-layer times (lowering included)
 
     rows    a smaller F.conv2d with the kept filters only (what channel pruners give)
     unfold  F.unfold + index_select of the kept columns + one mm per group
-    csr     CSR weight (unstructured, the paper's row-1 ℓ1 sparsity; AlexNet only) @ F.unfold(x)
+    csr     SparseConv2d: CSR weight (unstructured, the paper's row-1 ℓ1 sparsity; AlexNet only) @ F.unfold(x)
     fused   ssl_lightning.ops.compact_conv2d (this project)
     module  CompactConv2d.from_conv(..., example_input=x): the implementation a user gets
     ideal   FLOP-ideal speedup 1/((1-row)(1-col))
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning import CompactConv2d
+from ssl_lightning.compaction import SparseConv2d
 from ssl_lightning.ops import compact_conv2d, pack_compact_weight
 from ssl_lightning.timing import interleaved_times
 
@@ -113,7 +114,7 @@ def candidates(
     ks = (layer.k, layer.k)
     rows_w, rows_b = w[ri], b[ri]
     per_group = [(int(rp[i]), int(rp[i + 1]), int(cp[i]), int(cp[i + 1])) for i in range(g)]
-    cg, og = layer.cin // g, layer.cout // g
+    cg = layer.cin // g
     module = CompactConv2d.from_conv(conv, example_input=x).eval()
     fns: dict[str, Callable[[], Tensor]] = {
         "dense": lambda: F.conv2d(x, w, b, st, pd, 1, g),
@@ -138,19 +139,12 @@ def candidates(
     fns["unfold"] = unfold_select
     if layer.l1 is not None and dtype == torch.float32:  # sparse.mm is fp32 / fp64 only here
         gen_l1 = torch.Generator().manual_seed(1)
-        dense_w = torch.randn(layer.cout, cg * layer.k**2, generator=gen_l1)
-        dense_w[torch.rand(dense_w.shape, generator=gen_l1) < layer.l1] = 0
-        csr = [dense_w[i * og : (i + 1) * og].to_sparse_csr() for i in range(g)]
-
-        def csr_mm() -> Tensor:
-            cols = F.unfold(x, ks, padding=pd, stride=st)
-            outs = []
-            for i in range(g):
-                blk = cols[:, i * cg * layer.k**2 : (i + 1) * cg * layer.k**2]
-                outs.append(torch.stack([torch.sparse.mm(csr[i], blk[n]) for n in range(batch)]))
-            return torch.cat(outs, 1)
-
-        fns["csr"] = csr_mm
+        l1_conv = nn.Conv2d(layer.cin, layer.cout, layer.k, st, pd, groups=g)
+        with torch.no_grad():  # the paper's row-1 unstructured sparsity, drawn per weight
+            l1_conv.weight.copy_(torch.randn(l1_conv.weight.shape, generator=gen_l1))
+            l1_conv.weight[torch.rand(l1_conv.weight.shape, generator=gen_l1) < layer.l1] = 0
+        sparse = SparseConv2d(l1_conv)  # what ssl_lightning.sparsify gives: CSR @ F.unfold(x), all images at once
+        fns["csr"] = lambda: sparse(x)
     ideal = 1 / ((1 - layer.row) * (1 - layer.col))
     return fns, ideal, module.impl
 

@@ -3,11 +3,13 @@
     ssl-lightning fit --config recipes/lenet_mnist5k_shapes.yaml [--trainer.max_epochs 5 ...]
     ssl-lightning run recipes/lenet_mnist5k_shapes.yaml [--baseline] [--out DIR] [--key value ...]
     ssl-lightning sweep recipes/lenet_mnist5k_shapes.yaml --lambda 0.01 0.05 0.2 [--out DIR] [--key value ...]
+    ssl-lightning compare recipes/compare/lenet_mnist5k.yaml [--seeds 0 1 2] [--out DIR] [--key value ...]
 
 Every Trainer / model / data / callback argument is available from YAML and the command line; unknown keys
 are errors. ``run`` is the whole pipeline (see :mod:`ssl_lightning.pipeline`): optional dense baseline, SSL,
 prune, fine-tune, compact, verify, benchmark and a Markdown / JSON / PNG report. ``sweep`` runs a recipe for
-several λ and plots accuracy against remaining FLOPs.
+several λ and plots accuracy against remaining FLOPs. ``compare`` trains several sparsity methods on one recipe's
+model, data and budget and tabulates accuracy, FLOPs, storage and measured speedup.
 """
 
 from __future__ import annotations
@@ -141,6 +143,14 @@ def _pipeline(argv: list[str]) -> None:
         baseline = _pop_option(rest, "--baseline", "0") is not None
         pipeline.run(recipe, rest, baseline=baseline, out_dir=out[0] if out else None)
         return
+    if command == "compare":
+        given = _pop_option(rest, "--seeds", "+")
+        try:
+            seeds = [int(v) for v in given] if given else None
+        except ValueError:
+            raise ValueError(f"--seeds values must be integers, got {given}") from None
+        pipeline.compare(recipe, rest, seeds=seeds, out_dir=out[0] if out else None)
+        return
     values = _pop_option(rest, "--lambda", "+")
     if values is None:
         raise ValueError("sweep needs --lambda with one or more values, e.g. --lambda 0.01 0.05 0.2")
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     try:
-        if argv and argv[0] in ("run", "sweep"):
+        if argv and argv[0] in ("run", "sweep", "compare"):
             _pipeline(argv)
         else:
             _check_arguments(argv)

@@ -15,7 +15,9 @@ import copy
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +285,183 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
     plt.close(fig)
     print(f"sweep: {out / 'sweep.csv'}, {out / 'sweep.png'}")
     return out
+
+
+COMPARE_KEYS = ("recipe", "seeds", "methods")
+_STORAGE_GRANULARITIES = ("element", "vector", "kernel", "filter", "channel", "shape")
+
+
+def _load_compare_spec(path: str) -> tuple[str, list[int], dict[str, dict[str, Any]]]:
+    """``recipe`` (relative to the spec), ``seeds`` and ``methods`` (label -> class_path / init_args)."""
+    import yaml
+
+    check_recipe(path)
+    spec = yaml.safe_load(Path(path).read_text())
+    unknown = sorted(set(spec) - set(COMPARE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; a compare spec has {', '.join(COMPARE_KEYS)}")
+    if "recipe" not in spec or "methods" not in spec:
+        raise ValueError(f"{path}: a compare spec needs 'recipe' (the base recipe) and 'methods' (label -> callback)")
+    recipe = str((Path(path).parent / spec["recipe"]).resolve())
+    check_recipe(recipe)
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: seeds must be a non-empty list of ints, got {seeds!r}")
+    methods = spec["methods"]
+    if not isinstance(methods, dict) or not methods:
+        raise ValueError(f"{path}: methods must map labels to callbacks (class_path, init_args), got {methods!r}")
+    for label, cfg in methods.items():
+        if not isinstance(cfg, dict) or "class_path" not in cfg or set(cfg) - {"class_path", "init_args"}:
+            raise ValueError(f"{path}: methods[{label!r}] must have class_path and optional init_args, got {cfg!r}")
+    return recipe, seeds, methods
+
+
+def _instantiate(label: str, cfg: dict[str, Any]) -> SparsityCallback:
+    from lightning.pytorch.cli import instantiate_class
+
+    callback = instantiate_class((), {"class_path": cfg["class_path"], "init_args": cfg.get("init_args") or {}})
+    if not isinstance(callback, SparsityCallback):
+        raise TypeError(f"methods[{label!r}]: {cfg['class_path']} is not a sparsity callback")
+    return callback
+
+
+def _sparse_speedups(net: nn.Module, x: Tensor) -> dict[int, float]:
+    """Dense vs :func:`sparsify` (CSR path for layers at least half zero), side by side, per batch size."""
+    import torch
+
+    from ssl_lightning.compaction import SparseConv2d, SparseLinear, sparsify
+    from ssl_lightning.timing import interleaved_times
+
+    sparse = sparsify(net, min_sparsity=0.5)
+    if not any(isinstance(m, SparseConv2d | SparseLinear) for m in sparse.modules()):
+        return {}
+    out = {}
+    with torch.inference_mode():
+        for batch in sorted({1, len(x)}):
+            xb = x[:batch]
+            fns: dict[str, Callable[[], object]] = {"dense": partial(net, xb), "sparse": partial(sparse, xb)}
+            t = interleaved_times(fns, 5)
+            out[batch] = t["dense"] / t["sparse"]
+    return out
+
+
+def _evaluate(label: str, seed: int, trainer: pl.Trainer, model: ImageClassifier, data: Any) -> dict[str, Any]:
+    from ssl_lightning.report import storage_report
+
+    val_acc = _metric(trainer, "val_acc", data)
+    net = model.model.eval()
+    x = _val_batch(data, 64).to(model.device)
+    totals = sparsity_report(net, x[:1]).totals()
+    storage = {g: sum(s.stored_bits for s in storage_report(net, g)) / 8 for g in _STORAGE_GRANULARITIES}
+    best = min(storage, key=lambda g: storage[g])
+    dense_bytes = sum(s.dense_bits for s in storage_report(net, "element")) / 8
+    info = compact_with_info(net, x)
+    compacted = {b: compaction_report(net, info.model, x[:b]) for b in sorted({1, len(x)})}
+    sparse = _sparse_speedups(net, x)
+    row: dict[str, Any] = {
+        "method": label,
+        "seed": seed,
+        "val_acc": val_acc,
+        "flop_fraction": totals["flop_fraction"],
+        "param_fraction": totals["param_fraction"],
+        "params_compact_fraction": compacted[1].params_compact / compacted[1].params,
+        "storage_bytes": storage[best],
+        "storage_granularity": best,
+        "storage_fraction": storage[best] / dense_bytes,
+    }
+    for b, rep in compacted.items():
+        key = "1" if b == 1 else "64"
+        speeds = {"compact": rep.speedup, **({"csr": sparse[b]} if b in sparse else {})}
+        path = max(speeds, key=lambda p: speeds[p])
+        row[f"speedup_batch{key}"], row[f"path_batch{key}"] = speeds[path], path
+    return row
+
+
+def compare(
+    spec: str, overrides: list[str] | None = None, *, seeds: list[int] | None = None, out_dir: str | None = None
+) -> Path:
+    """Train every method of the compare ``spec`` (YAML: ``recipe``, ``seeds``, ``methods``) on the recipe's
+    model, data and epoch budget (the recipe's own sparsity callback replaced by the method's), then report one
+    table: accuracy, remaining FLOPs and parameters, storage with indices (the best granularity encoding of the
+    learned zeros), and measured CPU speedup at batch 1 and 64 of the better inference path (structured
+    ``compact`` or the CSR path of ``sparsify``). Writes ``compare.csv``, ``compare.md`` and
+    ``accuracy_vs_speedup.png`` into ``out_dir`` and returns it."""
+    recipe, spec_seeds, methods = _load_compare_spec(spec)
+    for label, cfg in methods.items():
+        _instantiate(label, cfg)  # every method's arguments checked before any training
+    out = _out_dir(out_dir or "runs/compare")
+    rows = []
+    runs = [(s, label) for s in (seeds or spec_seeds) for label in methods]
+    for i, (seed, label) in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        cli = _build(recipe, [*(overrides or []), "--seed_everything", str(seed)])
+        _ssl_callback(cli.trainer, recipe)
+        others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+        cli.trainer.callbacks = [*others, _instantiate(label, methods[label])]  # type: ignore[attr-defined]
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if not isinstance(cli.model, ImageClassifier):
+            raise TypeError(f"compare needs an ImageClassifier model, got {type(cli.model).__name__}")
+        rows.append(_evaluate(label, seed, cli.trainer, cli.model, cli.datamodule))
+        r = rows[-1]
+        print(
+            f"[{i}/{len(runs)}] {label} (seed {seed}): val acc {100 * r['val_acc']:.2f} %, FLOP "
+            f"{100 * r['flop_fraction']:.1f} %, storage {100 * r['storage_fraction']:.1f} % "
+            f"({r['storage_granularity']}), "
+            f"speedup {r['speedup_batch1']:.2f}x / {r['speedup_batch64']:.2f}x; {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+    _write_compare(out, rows, recipe)
+    return out
+
+
+def _write_compare(out: Path, rows: list[dict[str, Any]], recipe: str) -> None:
+    import statistics
+
+    with open(out / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# Method comparison on `{Path(recipe).name}`",
+        "",
+        "| method | seeds | val acc % | FLOP remaining % | nonzero params % | params after compact % | "
+        "storage % of dense (encoding) | speedup batch 1 (path) | speedup batch 64 (path) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+
+        def ms(key: str, scale: float = 100.0, mine: list[dict[str, Any]] = mine) -> str:
+            values = [scale * r[key] for r in mine]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.2f}" + (f" ± {sd:.2f}" if len(values) > 1 else "")
+
+        def paths(key: str, mine: list[dict[str, Any]] = mine) -> str:
+            return "/".join(sorted({r[key] for r in mine}))
+
+        enc = "/".join(sorted({r["storage_granularity"] for r in mine}))
+        lines.append(
+            f"| {label} | {len(mine)} | {ms('val_acc')} | {ms('flop_fraction')} | {ms('param_fraction')} | "
+            f"{ms('params_compact_fraction')} | {ms('storage_fraction')} ({enc}) | {ms('speedup_batch1', 1)}× "
+            f"({paths('path_batch1')}) | {ms('speedup_batch64', 1)}× ({paths('path_batch64')}) |"
+        )
+        summary.append((label, [r["speedup_batch64"] for r in mine], [100 * r["val_acc"] for r in mine]))
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]))
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+    for label, speed, acc in summary:
+        ax.scatter(speed, acc, label=label, s=18)
+    ax.set_xlabel("measured CPU speedup, batch 64 (×)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(Path(recipe).name, fontsize=8)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_speedup.png")
+    plt.close(fig)

@@ -83,3 +83,41 @@ def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> No
     want = {"run/val_acc", "run/speedup_batch1", "run/conv2/flop_fraction"}
     want |= {"run/layer_sparsity/_type", "run/conv1_filters/_type"}  # the PNG charts as W&B images
     assert want <= keys, f"missing {sorted(want - keys)}; logged {sorted(keys)}"
+
+
+def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    spec = tmp_path / "spec.yaml"
+    phases = "{ssl: [0, 1], finetune: [1, null]}"
+    spec.write_text(
+        f"recipe: {recipes / 'lenet_mnist5k_filters.yaml'}\nseeds: [0]\nmethods:\n"
+        f"  l1:\n    class_path: ssl_lightning.StructuredSparsity\n"
+        f"    init_args: {{lambdas: {{element: 0.5}}, phases: {phases}}}\n"
+        f"  kernels:\n    class_path: ssl_lightning.GranularityPruning\n"
+        f"    init_args: {{granularity: kernel, sparsity: 0.5, phases: {phases}, include: [model.conv2]}}\n"
+    )
+    fast = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    main(["compare", str(spec), "--out", str(tmp_path / "out"), *fast])
+    printed = capsys.readouterr().out
+    assert "[1/2] l1 (seed 0)" in printed and "[2/2] kernels (seed 0)" in printed
+    with open(tmp_path / "out" / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["l1", "kernels"]
+    kernels = rows[1]
+    assert float(kernels["param_fraction"]) < 1.0  # conv2 lost half its kernels
+    assert kernels["path_batch1"] in ("compact", "csr") and float(kernels["speedup_batch64"]) > 0
+    assert (tmp_path / "out" / "accuracy_vs_speedup.png").stat().st_size > 0
+    assert "| kernels | 1 |" in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_compare_spec_errors_name_the_key(tmp_path: Path) -> None:
+    from ssl_lightning.pipeline import compare
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("recipe: x.yaml\nmethod: {}\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) method; a compare spec has recipe, seeds, methods"):
+        compare(str(spec))
+    spec.write_text("recipe: ../nowhere.yaml\nmethods: {a: {class_path: ssl_lightning.StructuredSparsity}}\n")
+    with pytest.raises(FileNotFoundError, match=r"recipe .*nowhere.yaml' does not exist"):
+        compare(str(spec))
