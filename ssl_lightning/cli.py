@@ -4,6 +4,8 @@
     ssl-lightning run recipes/lenet_mnist5k_shapes.yaml [--baseline] [--out DIR] [--key value ...]
     ssl-lightning sweep recipes/lenet_mnist5k_shapes.yaml --lambda 0.01 0.05 0.2 [--out DIR] [--key value ...]
     ssl-lightning compare recipes/compare/lenet_mnist5k.yaml [--seeds 0 1 2] [--out DIR] [--key value ...]
+    ssl-lightning granularity recipes/lenet_mnist5k_filters.yaml [--granularities element vector kernel filter]
+        [--levels 0.5 0.7 0.8 0.9 0.95] [--finetune-epochs 3] [--out DIR] [--key value ...]
 
 Every Trainer / model / data / callback argument is available from YAML and the command line; unknown keys
 are errors. ``run`` is the whole pipeline (see :mod:`ssl_lightning.pipeline`): optional dense baseline, SSL,
@@ -143,6 +145,20 @@ def _pipeline(argv: list[str]) -> None:
         baseline = _pop_option(rest, "--baseline", "0") is not None
         pipeline.run(recipe, rest, baseline=baseline, out_dir=out[0] if out else None)
         return
+    if command == "granularity":
+        grans = _pop_option(rest, "--granularities", "+")
+        levels = _pop_option(rest, "--levels", "+")
+        epochs = _pop_option(rest, "--finetune-epochs")
+        try:
+            parsed_levels = [float(v) for v in levels] if levels else None
+            parsed_epochs = int(epochs[0]) if epochs else 3
+        except ValueError:
+            raise ValueError(f"--levels must be numbers and --finetune-epochs an int, got {levels}, {epochs}") from None
+        pipeline.granularity_study(
+            recipe, rest, granularities=grans, levels=parsed_levels, finetune_epochs=parsed_epochs,
+            out_dir=out[0] if out else None,
+        )  # fmt: skip
+        return
     if command == "compare":
         given = _pop_option(rest, "--seeds", "+")
         try:
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
     try:
-        if argv and argv[0] in ("run", "sweep", "compare"):
+        if argv and argv[0] in ("run", "sweep", "compare", "granularity"):
             _pipeline(argv)
         else:
             _check_arguments(argv)

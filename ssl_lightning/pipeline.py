@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ssl_lightning.callback import SparsityCallback
 from ssl_lightning.cli import STRICT_PARSER, check_recipe
 from ssl_lightning.compaction import compact_with_info
+from ssl_lightning.groups import weight_of
 from ssl_lightning.models import ImageClassifier
 from ssl_lightning.report import (
     CompactionReport,
@@ -464,4 +465,151 @@ def _write_compare(out: Path, rows: list[dict[str, Any]], recipe: str) -> None:
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_speedup.png")
+    plt.close(fig)
+
+
+GRANULARITY_LEVELS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def granularity_study(
+    recipe: str,
+    overrides: list[str] | None = None,
+    *,
+    granularities: list[str] | None = None,
+    levels: list[float] | None = None,
+    finetune_epochs: int = 3,
+    loss_threshold: float = 0.01,
+    include: list[str] | None = None,
+    value_bits: int = 32,
+    index_bits: int = 4,
+    out_dir: str | None = None,
+) -> Path:
+    """Mao et al.'s granularity study on one recipe: train the recipe's model dense once (its sparsity callback
+    removed), then for every granularity and sparsity level prune the trained weights one-shot by magnitude and
+    fine-tune for ``finetune_epochs``; table (``granularity.csv`` / ``.md``) of accuracy, storage with indices
+    (compression against dense) and bytes read per inference, and ``granularity.png``: accuracy vs sparsity per
+    granularity, the best compression within ``loss_threshold`` accuracy loss, bytes read vs sparsity."""
+    import torch
+
+    from ssl_lightning.methods.granularity import GRANULARITIES, GranularityPruning
+    from ssl_lightning.report import storage_report
+
+    check_recipe(recipe)
+    granularities = granularities or ["element", "vector", "kernel", "filter"]
+    levels = levels or list(GRANULARITY_LEVELS)
+    for g in granularities:
+        if g not in GRANULARITIES:
+            raise ValueError(f"--granularities: unknown granularity {g!r}; allowed: {', '.join(GRANULARITIES)}")
+    if not all(0 <= s < 1 for s in levels):
+        raise ValueError(f"--levels must be fractions in [0, 1), got {levels}")
+    if finetune_epochs < 1:
+        raise ValueError(f"--finetune-epochs must be >= 1, got {finetune_epochs}")
+    out = _out_dir(out_dir or "runs/granularity")
+    overrides = list(overrides or [])
+
+    dense = _build(recipe, overrides)
+    _ssl_callback(dense.trainer, recipe)
+    dense.trainer.callbacks = [c for c in dense.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+    print(f"granularity: training the dense model ({dense.trainer.max_epochs} epochs)", flush=True)
+    dense.trainer.fit(dense.model, datamodule=dense.datamodule)
+    baseline = _metric(dense.trainer, "val_acc", dense.datamodule)
+    trained = {k: v.detach().clone() for k, v in dense.model.state_dict().items()}
+    convs = include or [f"model.{n}" for n, m in dense.model.model.named_modules() if isinstance(m, nn.Conv2d)]
+    layers = [n.removeprefix("model.") for n in convs]
+    rows: list[dict[str, Any]] = []
+    runs = [(g, s) for g in granularities for s in levels]
+    for i, (gran, level) in enumerate(runs, 1):
+        cli = _build(recipe, [*overrides, "--trainer.max_epochs", str(finetune_epochs)])
+        cli.model.load_state_dict(trained)
+        pruner = GranularityPruning(
+            gran, level, phases={"ssl": [0, 1], "finetune": [1, None]}, unit="step", include=convs,
+            value_bits=value_bits, index_bits=index_bits,
+        )  # fmt: skip
+        others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+        cli.trainer.callbacks = [*others, pruner]  # type: ignore[attr-defined]
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        net = cli.model.model
+        stats = storage_report(net, gran, value_bits=value_bits, index_bits=index_bits, layers=layers)
+        dense_bits, stored = sum(s.dense_bits for s in stats), sum(s.stored_bits for s in stats)
+        with torch.no_grad():
+            weights = [weight_of(m) for n, m in net.named_modules() if n in layers]
+            zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+        rows.append(
+            {
+                "granularity": gran,
+                "level": level,
+                "weight_sparsity": zeros / total,
+                "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule),
+                "baseline_val_acc": baseline,
+                "compression": dense_bits / stored if stored else float("inf"),
+                "bytes_read": stored / 8,
+                "dense_bytes": dense_bits / 8,
+            }
+        )
+        r = rows[-1]
+        print(
+            f"[{i}/{len(runs)}] {gran} {100 * level:.0f} %: val acc {100 * r['val_acc']:.2f} % (dense "
+            f"{100 * baseline:.2f} %), compression {r['compression']:.2f}x, {r['bytes_read'] / 1024:.1f} KiB read",
+            flush=True,
+        )
+    _write_granularity(out, rows, recipe, loss_threshold, index_bits)
+    return out
+
+
+def _write_granularity(
+    out: Path, rows: list[dict[str, Any]], recipe: str, loss_threshold: float, index_bits: int
+) -> None:
+    with open(out / "granularity.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    baseline = rows[0]["baseline_val_acc"]
+    lines = [
+        f"# Pruning granularity on `{Path(recipe).name}` (dense {100 * baseline:.2f} %, {index_bits}-bit indices)",
+        "",
+        "| granularity | target | weight sparsity % | val acc % | compression (values + indices) | KiB read |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['granularity']} | {100 * r['level']:.0f} % | {100 * r['weight_sparsity']:.1f} | "
+            f"{100 * r['val_acc']:.2f} | {r['compression']:.2f}× | {r['bytes_read'] / 1024:.1f} |"
+        )
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["val_acc"] >= baseline - loss_threshold and (
+            r["granularity"] not in best or r["compression"] > best[r["granularity"]]["compression"]
+        ):
+            best[r["granularity"]] = r
+    lines += ["", f"Best compression within {100 * loss_threshold:.1f} points of the dense accuracy:", ""]
+    lines += ["| granularity | compression | at sparsity % | val acc % |", "|---|---|---|---|"]
+    for gran in dict.fromkeys(r["granularity"] for r in rows):
+        b = best.get(gran)
+        lines.append(
+            f"| {gran} | {b['compression']:.2f}× | {100 * b['weight_sparsity']:.1f} | {100 * b['val_acc']:.2f} |"
+            if b
+            else f"| {gran} | none within the threshold | | |"
+        )
+    (out / "granularity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=100)
+    for gran in dict.fromkeys(r["granularity"] for r in rows):
+        mine = [r for r in rows if r["granularity"] == gran]
+        axes[0].plot([100 * r["weight_sparsity"] for r in mine], [100 * r["val_acc"] for r in mine], "o-", label=gran)
+        axes[2].plot([100 * r["weight_sparsity"] for r in mine], [r["bytes_read"] / 1024 for r in mine], "o-")
+    axes[0].axhline(100 * baseline, color="grey", lw=0.8, ls="--")
+    axes[0].set(xlabel="weight sparsity (%)", ylabel="validation accuracy (%)", title="accuracy vs sparsity")
+    axes[0].legend(fontsize=7)
+    names = list(best)
+    axes[1].bar(names, [best[n]["compression"] for n in names])
+    axes[1].set(ylabel="compression (×)", title=f"within {100 * loss_threshold:.1f} pt of dense")
+    axes[2].set(xlabel="weight sparsity (%)", ylabel="KiB read per inference", title="weights + indices read")
+    fig.tight_layout()
+    fig.savefig(out / "granularity.png")
     plt.close(fig)

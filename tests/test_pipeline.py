@@ -121,3 +121,28 @@ def test_compare_spec_errors_name_the_key(tmp_path: Path) -> None:
     spec.write_text("recipe: ../nowhere.yaml\nmethods: {a: {class_path: ssl_lightning.StructuredSparsity}}\n")
     with pytest.raises(FileNotFoundError, match=r"recipe .*nowhere.yaml' does not exist"):
         compare(str(spec))
+
+
+def test_granularity_study_runs_every_granularity_and_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "lenet_mnist5k_filters.yaml")
+    fast = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    main(["granularity", recipe, "--granularities", "kernel", "filter", "--levels", "0.5", "0.75",
+          "--finetune-epochs", "1", "--out", str(tmp_path / "out"), *fast])  # fmt: skip
+    assert "[4/4] filter 75 %" in capsys.readouterr().out
+    with open(tmp_path / "out" / "granularity.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["granularity"], float(r["level"])) for r in rows] == [
+        ("kernel", 0.5),
+        ("kernel", 0.75),
+        ("filter", 0.5),
+        ("filter", 0.75),
+    ]
+    for r in rows:  # one-shot pruning held through fine-tuning: each conv lost its target share of groups
+        assert abs(float(r["weight_sparsity"]) - float(r["level"])) < 0.03
+        assert float(r["compression"]) > 1.5
+    assert "Best compression within 1.0 points" in (tmp_path / "out" / "granularity.md").read_text()
+    assert (tmp_path / "out" / "granularity.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["granularity", recipe, "--granularities", "block"])
+    assert "--granularities: unknown granularity 'block'; allowed: element, vector" in capsys.readouterr().err
