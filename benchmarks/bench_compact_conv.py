@@ -154,8 +154,9 @@ def measure(fns: dict[str, Callable[[], Tensor]], rounds: int, stat: str = "medi
     return interleaved_times(fns, rounds, block_seconds=0.05, stat="min" if stat == "min" else "median")
 
 
-def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float]:
-    """The paper's protocol: per image, lowered GEMM only, one call per conv group; (dense, compact) seconds."""
+def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float, float]:
+    """The paper's protocol: per image, lowered GEMM only, one call per conv group; (dense, compact, ℓ1 CSR)
+    seconds. The CSR weight has the paper's row-1 unstructured sparsity."""
     conv, ri, rp, ci, cp = build(layer, gen)
     g, cg, og = layer.groups, layer.cin // layer.groups, layer.cout // layer.groups
     x = torch.randn(1, layer.cin, layer.hw, layer.hw, generator=gen)
@@ -167,8 +168,19 @@ def gemm_only(layer: Layer, gen: torch.Generator) -> tuple[float, float]:
     for i in range(g):
         r, c = ri[rp[i] : rp[i + 1]], ci[cp[i] : cp[i + 1]]
         comp.append((w[r][:, c].contiguous(), cols[i * kk : (i + 1) * kk][c].contiguous()))
-    t = measure({"dense": lambda: [a @ b for a, b in dense], "compact": lambda: [a @ b for a, b in comp]}, 5)
-    return t["dense"], t["compact"]
+    gen_l1 = torch.Generator().manual_seed(1)
+    w_l1 = torch.randn(w.shape, generator=gen_l1)
+    w_l1[torch.rand(w.shape, generator=gen_l1) < (layer.l1 or 0.0)] = 0
+    csr = [(w_l1[i * og : (i + 1) * og].to_sparse_csr(), cols[i * kk : (i + 1) * kk]) for i in range(g)]
+    t = measure(
+        {
+            "dense": lambda: [a @ b for a, b in dense],
+            "compact": lambda: [a @ b for a, b in comp],
+            "csr": lambda: [torch.sparse.mm(a, b) for a, b in csr],
+        },
+        5,
+    )
+    return t["dense"], t["compact"], t["csr"]
 
 
 def thread_scaling(threads: int) -> float:
@@ -255,27 +267,39 @@ def _main() -> None:
 
 
 def paper_protocol() -> list[str]:
-    """The SSL paper's Table 4 protocol: per image, the lowered GEMMs only (lowering excluded), one thread."""
+    """The SSL paper's Table 4 protocol: per image, the lowered GEMMs only (lowering excluded), one thread; SSL's
+    row 2 (structured, compact GEMM) beside row 1 (ℓ1, CSR GEMM)."""
     lines = [
         "",
-        "### Paper protocol: AlexNet row 2, per image, GEMM only (lowering excluded), 1 thread, median of 5",
+        "### Paper protocol: AlexNet rows 2 (SSL) and 1 (ℓ1), per image, GEMM only (lowering excluded), 1 thread, "
+        "median of 5",
         "",
     ]
-    lines.append("| layer | dense GEMM ms | compact GEMM ms | speedup | paper CPU × |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(
+        "| layer | dense GEMM ms | SSL compact GEMM ms | SSL speedup | paper SSL CPU × | ℓ1 CSR GEMM ms | ℓ1 speedup | "
+        "paper ℓ1 CPU × |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
     paper = [1.05, 3.37, 6.27, 9.73, 4.93]
+    paper_l1 = [0.80, 2.91, 4.84, 3.83, 2.76]
     gen = torch.Generator().manual_seed(0)
-    ratios = []
+    ratios, ratios_l1 = [], []
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for layer, ref in zip(suites()["AlexNet, Table 4 row 2 (SSL)"], paper, strict=True):
-            d, c = gemm_only(layer, gen)
+        for layer, ref, ref_l1 in zip(suites()["AlexNet, Table 4 row 2 (SSL)"], paper, paper_l1, strict=True):
+            d, c, u = gemm_only(layer, gen)
             ratios.append(d / c)
-            lines.append(f"| {layer.name} | {1e3 * d:.3f} | {1e3 * c:.3f} | {d / c:.2f} | {ref:.2f} |")
+            ratios_l1.append(d / u)
+            lines.append(
+                f"| {layer.name} | {1e3 * d:.3f} | {1e3 * c:.3f} | {d / c:.2f} | {ref:.2f} | {1e3 * u:.3f} | "
+                f"{d / u:.2f} | {ref_l1:.2f} |"
+            )
     finally:
         torch.set_num_threads(before)
-    lines.append(f"| **mean** | | | **{statistics.fmean(ratios):.2f}** | 5.07 |")
+    ssl, l1 = statistics.fmean(ratios), statistics.fmean(ratios_l1)
+    lines.append(f"| **mean** | | | **{ssl:.2f}** | 5.07 | | **{l1:.2f}** | 3.03 |")
+    lines.append(f"\nSSL / ℓ1 mean speedup: {ssl / l1:.2f} (paper: 5.07 / 3.03 = 1.67)")
     return lines
 
 
