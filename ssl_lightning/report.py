@@ -45,6 +45,13 @@ class LayerStats:
     params_nonzero: int
     macs: int  # dense multiply-accumulates per sample (0 when the spatial size is unknown)
     macs_kept: int  # MACs of the structured (row x column) compacted GEMM
+    weight_bits: int = 0  # the weight stored dense (32-bit values)
+    stored_bits: int = 0  # the weight in its cheapest encoding: dense, or non-zeros at a granularity + 4-bit indices
+    encoding: str = "dense"  # that encoding ("dense" or a granularity, see storage_report)
+
+    @property
+    def compression(self) -> float:
+        return self.weight_bits / self.stored_bits if self.stored_bits else float("nan")
 
     @property
     def flop_fraction(self) -> float:
@@ -75,8 +82,28 @@ def _zero_fraction(keep: Tensor) -> float:
     return (keep.numel() - int(keep.sum())) / keep.numel()
 
 
+def _cheapest_encoding(name: str, module: nn.Module, value_bits: int = 32, index_bits: int = 4) -> tuple[int, int, str]:
+    """(dense bits, stored bits, encoding) of the weight: dense, or its kept groups at the granularity that
+    stores them in the fewest bits (values + relative indices with fillers, :func:`index_storage`)."""
+    w = weight_of(module).detach()
+    dense = w.numel() * value_bits
+    best, encoding = dense, "dense"
+    kinds = _STORAGE_TYPES.items() if isinstance(module, nn.Conv2d) else [("element", "element")]
+    for granularity, kind in kinds:
+        member = (
+            conv_member(name, w, kind, module.groups) if isinstance(module, nn.Conv2d) else linear_member(name, w, kind)
+        )
+        keep = member.reduce_sq((w != 0).float()) > 0
+        entries, _ = index_storage(keep, index_bits)
+        bits = entries * (member.group_size * value_bits + index_bits)
+        if bits < best:
+            best, encoding = bits, granularity
+    return dense, best, encoding
+
+
 def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> LayerStats:
     """Structure of one Conv2d / Linear from its exact zeros. ``positions``: conv output Ho·Wo."""
+    storage = dict(zip(("weight_bits", "stored_bits", "encoding"), _cheapest_encoding(name, module), strict=True))
     w = weight_of(module).detach()
     bias = getattr(module, "bias", None)
     params = w.numel() + (bias.numel() if isinstance(bias, Tensor) else 0)
@@ -93,7 +120,7 @@ def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> L
         return LayerStats(
             name, "conv", n, int(rows.sum()), cg * g, int(chan.sum()), cg * kh * kw,
             int(cols.sum()) / g, _zero_fraction(rows), _zero_fraction(cols), _zero_fraction(kernels), params, nonzero,
-            n * cg * kh * kw * pos, int((rows_per_bank * cols_per_bank).sum()) * pos,
+            n * cg * kh * kw * pos, int((rows_per_bank * cols_per_bank).sum()) * pos, **storage,  # type: ignore[arg-type]
         )  # fmt: skip
     rows, cols = lowered_nonzero(w, 1)
     out_f, in_f = w.shape
@@ -101,7 +128,7 @@ def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> L
     return LayerStats(
         name, "linear", out_f, int(rows.sum()), in_f, kept_cols, in_f, float(kept_cols),
         _zero_fraction(rows), _zero_fraction(cols), 0.0, params, nonzero,
-        out_f * in_f, int(rows.sum()) * kept_cols,
+        out_f * in_f, int(rows.sum()) * kept_cols, **storage,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -119,10 +146,13 @@ class SparsityReport:
             "params": params,
             "params_nonzero": sum(s.params_nonzero for s in self.layers),
             "param_fraction": sum(s.params_nonzero for s in self.layers) / params if params else float("nan"),
+            "weight_bytes": sum(s.weight_bits for s in self.layers) / 8,
+            "stored_bytes": sum(s.stored_bits for s in self.layers) / 8,
         }
 
     def to_dict(self) -> dict[str, object]:
-        return {"layers": [asdict(s) | {"flop_fraction": s.flop_fraction} for s in self.layers], **self.totals()}
+        layers = [asdict(s) | {"flop_fraction": s.flop_fraction, "compression": s.compression} for s in self.layers]
+        return {"layers": layers, **self.totals()}
 
     def metrics(self, prefix: str = "ssl") -> dict[str, float]:
         """Flat scalar metrics for loggers: ``{prefix}/{layer}/{stat}`` and ``{prefix}/total/{stat}``."""
@@ -142,8 +172,12 @@ class SparsityReport:
             out[f"{p}/params_remaining"] = s.params_nonzero / s.params
             if s.macs:
                 out[f"{p}/flops_remaining"] = s.flop_fraction
+            out[f"{p}/compression"] = s.compression
         t = self.totals()
         out[f"{prefix}/total/params_remaining"] = t["param_fraction"]
+        if t["stored_bytes"]:
+            out[f"{prefix}/total/compression"] = t["weight_bytes"] / t["stored_bytes"]
+            out[f"{prefix}/total/stored_bytes"] = t["stored_bytes"]
         if t["macs"]:
             out[f"{prefix}/total/flops_remaining"] = t["flop_fraction"]
         return out

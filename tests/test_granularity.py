@@ -256,3 +256,24 @@ def test_logs_targets_and_storage_of_its_granularity(tmp_path: Path) -> None:
     assert last["granularity/net.conv2/compression"] == pytest.approx(expected.compression)
     assert last["granularity/total/bytes_read"] == pytest.approx(expected.bytes_read)
     assert last["granularity/net.conv2/kernel2d_target"] == 0.5 and last["granularity/total/kernel2d_sparsity"] == 0.5
+
+
+def test_sparsity_report_stores_each_weight_in_its_cheapest_encoding() -> None:
+    from ssl_lightning import sparsity_report
+    from ssl_lightning.report import storage_report
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    with torch.no_grad():
+        model[0].weight[:, 1:].zero_()  # three of four input channels gone: channel / shape encodings win
+        model[3].weight[:, ::10] = 0.0
+    report = sparsity_report(model, torch.randn(1, 4, 6, 6))
+    conv, lin = report.layers
+    candidates = {g: storage_report(model, g, layers=["0"])[0].stored_bits for g in
+                  ("element", "vector", "kernel", "filter", "channel", "shape")}  # fmt: skip
+    assert conv.stored_bits == min(candidates.values()) and conv.encoding == min(candidates, key=candidates.get)
+    assert conv.encoding in ("channel", "kernel") and conv.compression > 3
+    assert lin.encoding == "dense" and lin.stored_bits == lin.weight_bits  # 90 % dense: indices would cost more
+    metrics = report.metrics("ssl")
+    assert metrics["ssl/0/compression"] == pytest.approx(conv.compression)
+    assert metrics["ssl/total/stored_bytes"] == (conv.stored_bits + lin.stored_bits) / 8
