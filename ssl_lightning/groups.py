@@ -32,6 +32,7 @@ from ssl_lightning.graph import GraphAnalysis, analyze
 
 __all__ = [
     "CONV_TYPES",
+    "GRANULARITIES",
     "GROUP_TYPES",
     "LINEAR_TYPES",
     "Group",
@@ -56,6 +57,15 @@ GROUP_TYPES: tuple[str, ...] = (
     "vector",
     "element",
 )
+# Mao et al.'s pruning granularities (and SSL's channel / shape) -> the group type that forms their groups
+GRANULARITIES: dict[str, str] = {
+    "element": "element",
+    "vector": "vector",
+    "kernel": "kernel2d",
+    "filter": "filter",
+    "channel": "channel",
+    "shape": "shape",
+}
 CONV_TYPES = ("filter", "channel", "shape", "kernel2d", "vector", "element")
 LINEAR_TYPES = ("neuron_in", "neuron_out", "element")
 Selector: TypeAlias = str | type[nn.Module]

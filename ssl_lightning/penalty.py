@@ -19,6 +19,7 @@ __all__ = [
     "apply_masks_",
     "group_lasso",
     "group_masks",
+    "keep_masks",
     "mask_grads_",
     "proximal_step_",
     "zero_small_",
@@ -132,10 +133,14 @@ def group_masks(groups: Sequence[Group], threshold: float) -> dict[str, Tensor]:
     """
     if not (threshold >= 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+    return keep_masks(groups, [_checked_norms(g) / math.sqrt(g.group_size) > threshold for g in groups])
+
+
+def keep_masks(groups: Sequence[Group], keeps: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Parameter-shaped bool masks from one keep flag per group (``keeps[i]``: [num_groups] of ``groups[i]``);
+    families on the same tensor combine with AND. Keys are the members' qualified parameter names."""
     masks: dict[str, Tensor] = {}
-    for g in groups:
-        rms = _checked_norms(g) / math.sqrt(g.group_size)
-        keep = rms > threshold
+    for g, keep in zip(groups, keeps, strict=True):
         for m in g.members:
             mask = masks.setdefault(m.name, torch.ones_like(m.param, dtype=torch.bool))
             k = m.per_group(keep.to(mask.device))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_lightning.graph import capture_inputs
-from ssl_lightning.groups import conv_member, linear_member, weight_of
+from ssl_lightning.groups import GRANULARITIES, conv_member, linear_member, weight_of
 from ssl_lightning.ops import lowered_nonzero
 from ssl_lightning.timing import interleaved_times
 
@@ -301,14 +301,7 @@ def index_storage(keep: Tensor, index_bits: int = 4) -> tuple[int, int]:
     return int(positions.numel()) + fillers, fillers
 
 
-_STORAGE_TYPES = {
-    "element": "element",
-    "vector": "vector",
-    "kernel": "kernel2d",
-    "filter": "filter",
-    "channel": "channel",
-    "shape": "shape",
-}
+_STORAGE_TYPES = GRANULARITIES
 
 
 def storage_report(

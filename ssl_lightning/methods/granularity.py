@@ -29,21 +29,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from ssl_lightning.callback import SparsityCallback, _check_choice, _check_number
-from ssl_lightning.groups import Group, Selector
+from ssl_lightning.groups import GRANULARITIES, Group, Selector
 from ssl_lightning.methods.base import SparsityMethod
+from ssl_lightning.penalty import keep_masks
 from ssl_lightning.report import index_storage
 from ssl_lightning.schedules import PRUNE_SCHEDULES, PhaseSchedule, sparsity_target
 
 __all__ = ["GRANULARITIES", "GranularityPruning", "MagnitudePruning"]
-
-GRANULARITIES: dict[str, str] = {
-    "element": "element",
-    "vector": "vector",
-    "kernel": "kernel2d",
-    "filter": "filter",
-    "channel": "channel",
-    "shape": "shape",
-}
 
 
 class MagnitudePruning(SparsityMethod):
@@ -108,17 +100,7 @@ class MagnitudePruning(SparsityMethod):
                 keep = torch.ones(g.num_groups, dtype=torch.bool)
                 keep[torch.sort(s, stable=True).indices[:k]] = False
                 keeps.append(keep)
-        masks: dict[str, Tensor] = {}
-        for g, keep in zip(groups, keeps, strict=True):
-            for m in g.members:
-                mask = masks.setdefault(m.name, torch.ones_like(m.param, dtype=torch.bool))
-                kept = m.per_group(keep.to(mask.device))
-
-                def keep_only(v: Tensor, kept: Tensor = kept) -> None:
-                    v.logical_and_(kept)
-
-                m.update_(mask, keep_only)
-        return masks
+        return keep_masks(groups, keeps)
 
     @override
     def masks_at(self, groups: Sequence[Group], t: int) -> dict[str, Tensor] | None:

@@ -42,6 +42,7 @@ from typing_extensions import override
 from ssl_lightning.callback import SparsityCallback, _check_number
 from ssl_lightning.groups import GROUP_TYPES, Group, Selector
 from ssl_lightning.methods.base import SparsityMethod
+from ssl_lightning.penalty import keep_masks
 
 __all__ = ["PSP", "PSP_TYPES", "ParameterizedPruning", "StructureScale"]
 
@@ -182,19 +183,11 @@ class PSP(SparsityMethod):
     def prune_masks(self, groups: Sequence[Group], threshold: float) -> dict[str, Tensor]:
         """Structures with |α| < ε: their weights and their α are masked (zero, frozen)."""
         assert self._module is not None
-        masks: dict[str, Tensor] = {}
-        for g in groups:
-            keep = self._keep(g)
+        keeps = [self._keep(g) for g in groups]
+        masks = keep_masks(groups, keeps)
+        for g, keep in zip(groups, keeps, strict=True):
             path, attr, kind = self._where[g.name]
             masks[f"{path}.parametrizations.{attr}.0.alpha_{kind}"] = keep.clone()
-            m = g.members[0]
-            mask = masks.setdefault(m.name, torch.ones_like(m.param, dtype=torch.bool))
-            k = m.per_group(keep.to(mask.device))
-
-            def keep_only(v: Tensor, k: Tensor = k) -> None:
-                v.logical_and_(k)
-
-            m.update_(mask, keep_only)
         return masks
 
     @override
