@@ -155,6 +155,7 @@ class SparsityCallback(Callback):
         self._mask_owner: dict[str, tuple[nn.Module, str]] = {}
         self._step_state: tuple[str, float] = ("dense", 0.0)
         self._last_logged = -1
+        self._monitored: dict[str, float] = {}  # model-level figures logged through pl_module.log every step
 
     # ------------------------------------------------------------ subclass API
     def group_spec(self) -> dict[str, float]:
@@ -434,9 +435,32 @@ class SparsityCallback(Callback):
         if isinstance(loss, Tensor) and loss.numel() == 1 and not bool(torch.isfinite(loss.detach())):
             self._stop_non_finite(trainer, f"the training loss is {float(loss)}")
         step = trainer.global_step
-        if step != self._last_logged and step % self.log_every_n_steps == 0:
+        due = step != self._last_logged and step % self.log_every_n_steps == 0
+        if due:
             self._last_logged = step
             self.log_sparsity(trainer, pl_module)
+        elif not self._monitored:  # first batch, or just pruned: monitorable values now, loggers on their cadence
+            self._monitored = self._monitor_subset(self.metrics(trainer, pl_module))
+        self._log_monitored(pl_module)
+
+    def _monitor_subset(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """The model-level figures (``<prefix>/total/*``, ``<prefix>/phase``) that ``ModelCheckpoint`` /
+        ``EarlyStopping`` can monitor."""
+        prefix = self.log_prefix
+        return {k: v for k, v in metrics.items() if k.startswith(f"{prefix}/total/") or k == f"{prefix}/phase"}
+
+    def _log_monitored(self, pl_module: LightningModule) -> None:
+        """Every training step, the latest model-level figures go through ``pl_module.log`` (not to the
+        loggers, which get every figure from :meth:`log_sparsity`): they are in ``trainer.callback_metrics``
+        on every rank (identical weights give identical values) and the remaining FLOPs in the progress bar."""
+        if not self._monitored:
+            return
+        flops = f"{self.log_prefix}/total/flops_remaining"
+        rest = {k: v for k, v in self._monitored.items() if k != flops}
+        pl_module.log_dict(rest, on_step=True, on_epoch=False, logger=False, batch_size=1)
+        if flops in self._monitored:
+            pl_module.log(flops, self._monitored[flops], on_step=True, on_epoch=False, logger=False, prog_bar=True,
+                          batch_size=1)  # fmt: skip
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -538,6 +562,7 @@ class SparsityCallback(Callback):
         self._install_masks(pl_module, masks)
         apply_masks_(self._params, self.masks)
         self._pruned = True
+        self._monitored = {}  # stale: recomputed at the end of this batch
         if self.finetune_lr_factor != 1.0:
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
@@ -548,10 +573,33 @@ class SparsityCallback(Callback):
                 sched = cfg.scheduler
                 if hasattr(sched, "base_lrs"):
                     sched.base_lrs = [lr * self.finetune_lr_factor for lr in sched.base_lrs]
-        weights = [m for p, m in masks.items() if p in group_parameters(self.groups)]
-        kept = sum(int(m.sum()) for m in weights)
-        total = sum(m.numel() for m in weights)
-        rank_zero_info(f"{self.name}: pruned at {self.schedule.unit} {self.clock(trainer)}; kept {kept}/{total}")
+        weights = {p: m for p, m in masks.items() if p in group_parameters(self.groups)}
+        kept = sum(int(m.sum()) for m in weights.values())
+        total = sum(m.numel() for m in weights.values())
+        rank_zero_info(
+            f"{self.name}: pruned at {self.schedule.unit} {self.clock(trainer)}; kept {kept}/{total} weights "
+            f"({100 * kept / max(total, 1):.1f} %) of the regularized layers"
+        )
+        self._warn_prune_outcome(weights, kept, total)
+
+    #: what to change when pruning removed nothing / everything, by callback
+    _strength = "λ (lambdas, layer_lambdas)"
+
+    def _warn_prune_outcome(self, weights: Mapping[str, Tensor], kept: int, total: int) -> None:
+        """Tuning feedback at the prune boundary: nothing pruned, or a layer with no weight left."""
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        if total and kept == total:
+            rank_zero_warn(
+                f"{self.name}: the sparsity phase ended with nothing pruned (kept all {total} weights): the "
+                f"regularization was too weak for this run; raise {self._strength} or lengthen the 'ssl' phase"
+            )
+        dead = sorted(p.removesuffix(".weight") for p, m in weights.items() if m.numel() and not bool(m.any()))
+        if dead:
+            rank_zero_warn(
+                f"{self.name}: every weight of {', '.join(dead[:5])} was pruned, so the model's output no longer "
+                f"depends on that layer's input; lower {self._strength} for it"
+            )
 
     def _install_masks(self, pl_module: LightningModule, masks: Mapping[str, Tensor]) -> None:
         """Masks live as non-persistent module buffers (they follow ``.to(device)``); the callback's own
@@ -589,10 +637,12 @@ class SparsityCallback(Callback):
         return out
 
     def log_sparsity(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Send :meth:`metrics` (and histograms to W&B) to every logger of the trainer."""
+        """Send :meth:`metrics` (and histograms to W&B) to every logger of the trainer; keep the model-level
+        figures for ``pl_module.log``."""
+        metrics = self.metrics(trainer, pl_module)
+        self._monitored = self._monitor_subset(metrics)
         if not trainer.loggers or not trainer.is_global_zero:
             return
-        metrics = self.metrics(trainer, pl_module)
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

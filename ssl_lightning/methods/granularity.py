@@ -170,6 +170,7 @@ class GranularityPruning(SparsityCallback):
     """
 
     log_prefix = "granularity"
+    _strength = "sparsity (layer_sparsity)"
 
     def __init__(
         self,

@@ -257,6 +257,7 @@ class ParameterizedPruning(SparsityCallback):
     """
 
     log_prefix = "psp"
+    _strength = "the α decay (structures, layer_decay) or the threshold"
 
     def __init__(
         self,

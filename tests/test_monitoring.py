@@ -1,0 +1,40 @@
+"""The model-level sparsity figures are monitorable (trainer.callback_metrics on every step, ModelCheckpoint,
+EarlyStopping, the progress bar), and the prune boundary warns when it removed nothing or a whole layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from ssl_lightning import StructuredSparsity
+
+from .conftest import Module, loader, trainer
+
+PHASES = {"dense": [0, 1], "ssl": [1, 3], "finetune": [3, None]}
+
+
+def test_model_checkpoint_and_early_stopping_monitor_sparsity_figures(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ssl = StructuredSparsity({"filter": 0.3, "shape": 0.3}, phases=PHASES, prune_threshold=1e-3)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="ssl/total/flops_remaining", mode="min", save_top_k=1)
+    stop = EarlyStopping(monitor="ssl/total/shape_sparsity", mode="max", stopping_threshold=0.05, patience=100,
+                         check_on_train_epoch_end=True)  # fmt: skip
+    t = trainer(tmp_path, max_epochs=20, callbacks=[ssl, best, stop], enable_checkpointing=True)
+    t.fit(Module(), loader())
+    assert t.current_epoch < 19 and t.should_stop  # stopped once 5 % of the filter shapes were gone
+    assert float(t.callback_metrics["ssl/total/shape_sparsity"]) > 0.05
+    assert best.best_model_path and float(best.best_model_score) < 1.0  # the sparsest checkpoint is kept
+    assert "ssl/total/flops_remaining" in t.progress_bar_metrics
+    assert float(t.callback_metrics["ssl/phase"]) in (1.0, 2.0)
+
+
+def test_the_prune_boundary_warns_when_nothing_or_a_whole_layer_is_pruned(tmp_path: Path) -> None:
+    weak = StructuredSparsity({"filter": 1e-6}, phases=PHASES, include=["net.conv1"])
+    with pytest.warns(UserWarning, match=r"the sparsity phase ended with nothing pruned \(kept all 216 weights\)"):
+        trainer(tmp_path, max_epochs=4, callbacks=[weak]).fit(Module(), loader())
+    strong = StructuredSparsity({"element": 50.0}, phases=PHASES, include=["net.conv2"])
+    with pytest.warns(UserWarning, match=r"every weight of net.conv2 was pruned"):
+        trainer(tmp_path, max_epochs=4, callbacks=[strong]).fit(Module(), loader())
