@@ -9,6 +9,8 @@ and :class:`GranularityPruning` (magnitude pruning at a granularity); :func:`bui
 and :class:`CompactionCheckpointing`.
 """
 
+from importlib import metadata as _metadata
+
 from ssl_lightning.compaction import (
     CompactConv2d,
     CompactionCheckpointing,
@@ -55,4 +57,7 @@ __all__ = [
     "sparsify",
     "sparsity_report",
 ]
-__version__ = "0.1.0"
+try:  # one version source: pyproject.toml, through the installed distribution's metadata
+    __version__ = _metadata.version("ssl_lightning")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
