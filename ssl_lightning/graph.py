@@ -134,6 +134,16 @@ class _Analyzer:
             for sid, _ in value.segments:
                 self.space(sid).blocked.append(reason)
 
+    def _channelwise(self, x: _Value, name: str, mod: nn.Module) -> None:
+        """A layer with one parameter slice per channel (BN affine, depthwise conv, PReLU) passes its input's
+        channel spaces through. Over a concatenation its slices for each joined space start at that space's
+        offset, which the plans and coupled groups do not follow yet: those spaces are blocked (kept whole and
+        uncoupled) rather than sliced or coupled at the wrong channels."""
+        if len(x.segments) > 1:
+            self.block(x, f"{name} ({type(mod).__name__}) is channel-wise over a concatenation")
+            return
+        self.space(x.segments[0][0]).passthrough.append(name)
+
     def consume(self, value: _Value, module: str, channels: int, features: int | None = None) -> None:
         """Register ``module`` as reading ``value`` (channels = total channels of value's segments)."""
         known = [n for _, n in value.segments]
@@ -190,8 +200,7 @@ class _Analyzer:
                         self.spaces[sid].producers.append(name)
                         out = _Value([(sid, mod.out_channels)])
                     elif mod.groups == mod.in_channels == mod.out_channels:
-                        for sid, _ in x.segments:
-                            self.space(sid).passthrough.append(name)
+                        self._channelwise(x, name, mod)
                         out = x  # depthwise: channel c in -> channel c out
                     elif mod.groups < mod.in_channels:  # grouped: whole input in equal blocks, fresh output
                         if len(x.segments) > 1:
@@ -214,8 +223,7 @@ class _Analyzer:
                     out = _Value([(sid, mod.out_features)])
                 elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and isinstance(x, _Value):
                     anc.add(name)
-                    for sid, _ in x.segments:
-                        self.space(sid).passthrough.append(name)
+                    self._channelwise(x, name, mod)
                     out = x
                 elif isinstance(mod, _PASS_MODULES) and isinstance(x, _Value):
                     for sid, _ in x.segments:
@@ -224,8 +232,8 @@ class _Analyzer:
                             self.space(sid).zero_only.append(name)
                         elif isinstance(mod, nn.LocalResponseNorm):  # windows across joined spaces
                             self.space(sid).mixing.append(name)
-                        elif isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
-                            self.space(sid).passthrough.append(name)
+                    if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+                        self._channelwise(x, name, mod)
                     out = x
                 elif isinstance(mod, nn.Flatten) and isinstance(x, _Value) and mod.start_dim == 1:
                     out = _Value(x.segments, flat=True)
