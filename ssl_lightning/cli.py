@@ -1,6 +1,6 @@
 """``ssl-lightning``: LightningCLI over the package's models, data and callbacks.
 
-    ssl-lightning fit --config recipes/lenet_mnist5k_shapes.yaml [--trainer.max_epochs 5 ...]
+    ssl-lightning fit --config lenet_mnist5k_shapes [--trainer.max_epochs 5 ...]   (a shipped recipe's name or a path)
     ssl-lightning run recipes/lenet_mnist5k_shapes.yaml [--baseline] [--out DIR] [--key value ...]
     ssl-lightning sweep recipes/lenet_mnist5k_shapes.yaml --lambda 0.01 0.05 0.2 [--out DIR] [--key value ...]
     ssl-lightning compare recipes/compare/lenet_mnist5k.yaml [--seeds 0 1 2] [--out DIR] [--key value ...]
@@ -50,13 +50,35 @@ def cli(args: list[str] | None = None) -> LightningCLI:
 _USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError, argparse.ArgumentError)
 
 
+#: the recipes installed with the package (``recipes/`` in a source checkout links here)
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the shipped recipes and compare specs, as ``resolve_recipe`` accepts them."""
+    return sorted(str(p.relative_to(SHIPPED_RECIPES).with_suffix("")) for p in SHIPPED_RECIPES.rglob("*.yaml"))
+
+
+def resolve_recipe(value: str) -> str:
+    """A recipe given as a path, or by the name of a shipped one (``lenet_mnist5k_shapes``,
+    ``compare/lenet_mnist5k``; ``.yaml`` optional): the path to read."""
+    if Path(value).is_file():
+        return value
+    name = value.removeprefix("recipes/")
+    shipped = SHIPPED_RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return str(shipped)
+    raise FileNotFoundError(
+        f"recipe {value!r} does not exist (expected a YAML file, e.g. recipes/*.yaml, or the name of a shipped "
+        f"recipe: {', '.join(shipped_recipes())})"
+    )
+
+
 def check_recipe(path: str) -> None:
     """A recipe / ``--config`` must be an existing YAML file holding a mapping (model, data, trainer, ...)."""
     import yaml
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"recipe {path!r} does not exist (expected a YAML file, e.g. recipes/*.yaml)")
+    file = Path(resolve_recipe(path))  # raises, listing the shipped recipes, when there is no such file
     try:
         content = yaml.safe_load(file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -85,12 +107,18 @@ def check_checkpoint(path: str) -> None:
 
 
 def _check_arguments(argv: list[str]) -> None:
-    """Checks LightningCLI would report without the reason (a recipe that is empty, a checkpoint that is not)."""
+    """Checks LightningCLI would report without the reason (a recipe that is empty, a checkpoint that is not);
+    a ``--config`` naming a shipped recipe is replaced by its path."""
     for i, arg in enumerate(argv):
         name, _, inline = arg.partition("=")
         value = inline or (argv[i + 1] if i + 1 < len(argv) else "")
         if name in ("--config", "-c") and value:
-            check_recipe(value)
+            path = resolve_recipe(value)
+            check_recipe(path)
+            if inline:
+                argv[i] = f"{name}={path}"
+            else:
+                argv[i + 1] = path
         elif name == "--ckpt_path" and value:
             check_checkpoint(value)
 
@@ -138,7 +166,7 @@ def _pipeline(argv: list[str]) -> None:
     command = argv[0]
     if len(argv) < 2 or argv[1].startswith("--"):
         raise ValueError(f"usage: ssl-lightning {command} RECIPE [options] [--key value ...]")
-    recipe, rest = argv[1], argv[2:]
+    recipe, rest = resolve_recipe(argv[1]), argv[2:]
     _check_arguments(rest)  # the recipe itself: pipeline.run / sweep check it
     out = _pop_option(rest, "--out")
     if command == "run":

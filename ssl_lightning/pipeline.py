@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 from torch import Tensor, nn
 
 from ssl_lightning.callback import SparsityCallback
-from ssl_lightning.cli import STRICT_PARSER, check_recipe
+from ssl_lightning.cli import STRICT_PARSER, check_recipe, resolve_recipe
 from ssl_lightning.compaction import compact_with_info
 from ssl_lightning.groups import weight_of
 from ssl_lightning.models import ImageClassifier
@@ -153,6 +153,7 @@ def run(
 ) -> RunResult:
     """Run the whole pipeline for ``recipe`` (a LightningCLI YAML) and write the report; returns the figures."""
     overrides = list(overrides or [])
+    recipe = resolve_recipe(recipe)
     check_recipe(recipe)
     if out_dir:
         _out_dir(out_dir)  # before training: a bad --out must not cost the run
@@ -253,6 +254,7 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
     against remaining FLOPs; writes ``sweep.csv`` and ``sweep.png`` into ``out_dir`` and returns it."""
     if not lambdas or any(not (lam >= 0) for lam in lambdas):
         raise ValueError(f"--lambda needs one or more values >= 0, got {lambdas}")
+    recipe = resolve_recipe(recipe)
     check_recipe(recipe)
     out = _out_dir(out_dir or "runs/sweep")
     rows = []
@@ -296,6 +298,7 @@ def _load_compare_spec(path: str) -> tuple[str, list[int], dict[str, dict[str, A
     """``recipe`` (relative to the spec), ``seeds`` and ``methods`` (label -> class_path / init_args)."""
     import yaml
 
+    path = resolve_recipe(path)
     check_recipe(path)
     spec = yaml.safe_load(Path(path).read_text())
     unknown = sorted(set(spec) - set(COMPARE_KEYS))
@@ -500,6 +503,7 @@ def granularity_study(
     from ssl_lightning.methods.granularity import GRANULARITIES, GranularityPruning
     from ssl_lightning.report import storage_report
 
+    recipe = resolve_recipe(recipe)
     check_recipe(recipe)
     granularities = granularities or ["element", "vector", "kernel", "filter"]
     levels = levels or list(GRANULARITY_LEVELS)
