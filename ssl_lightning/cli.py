@@ -205,11 +205,63 @@ def _pipeline(argv: list[str]) -> None:
     pipeline.sweep(recipe, lambdas, rest, out_dir=out[0] if out else None)
 
 
+_PIPELINE_HELP = {
+    "run": (
+        "the whole job on a recipe: train, prune, fine-tune, compact, time, report",
+        "ssl-lightning run RECIPE [--baseline] [--out DIR] [--key value ...]",
+        "The whole job: [dense baseline,] training with the recipe's sparsity callback, prune, fine-tune, compact\n"
+        "(equivalence-checked), time dense vs compacted, and write report.md / report.json / PNG charts.\n\n"
+        "  RECIPE          a recipe file or a shipped recipe's name (e.g. lenet_mnist5k_shapes)\n"
+        "  --baseline      also train the recipe without its sparsity callback, for the dense accuracy\n"
+        "  --out DIR       where the report goes (default: under the trainer's log dir)\n"
+        "  --key value     any LightningCLI override, e.g. --trainer.max_epochs 5 (see: fit --help)",
+    ),
+    "sweep": (
+        "a recipe at several strengths: accuracy against remaining FLOPs",
+        "ssl-lightning sweep RECIPE --lambda L1 [L2 ...] [--out DIR] [--key value ...]",
+        "The recipe once per strength (every group type of its sparsity callback set to it); sweep.csv and\n"
+        "sweep.png: validation accuracy against remaining FLOPs.",
+    ),
+    "compare": (
+        "sparsity methods side by side: accuracy, FLOPs, storage, measured speedup",
+        "ssl-lightning compare SPEC [--seeds S1 [S2 ...]] [--out DIR] [--key value ...]",
+        "Several sparsity methods on one recipe's model, data and budget (SPEC: recipe, seeds, methods; e.g. the\n"
+        "shipped compare/lenet_mnist5k): accuracy, FLOPs, parameters, storage with indices and measured speedup;\n"
+        "compare.md / compare.csv / accuracy_vs_speedup.png.",
+    ),
+    "granularity": (
+        "the pruning-granularity study: accuracy, compression and bytes read per granularity",
+        "ssl-lightning granularity RECIPE [--granularities G ...] [--levels S ...] [--finetune-epochs N] [--out DIR]",
+        "Mao et al.'s study: the recipe's model trained dense, pruned one-shot by magnitude at each granularity\n"
+        "(element vector kernel filter channel shape) and level, fine-tuned; granularity.md / .csv / .png.",
+    ),
+}
+
+
+def _top_help() -> str:
+    lines = [
+        "usage: ssl-lightning {fit,validate,test,predict,run,sweep,compare,granularity} ...",
+        "",
+        "Structured sparsity for PyTorch Lightning. Commands (each has its own --help):",
+        "  fit, validate, test, predict   LightningCLI: train / evaluate a recipe (--config RECIPE)",
+    ]
+    lines += [f"  {name:<31}{summary}" for name, (summary, _, _) in _PIPELINE_HELP.items()]
+    lines += ["", f"Shipped recipes (by name or path): {', '.join(shipped_recipes())}", "--verbose shows stack traces."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ssl-lightning`` console script. ``--verbose`` shows full stack traces."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [a for a in argv if a != "--verbose"]
+    if not argv or argv in (["-h"], ["--help"]):
+        print(_top_help())
+        return
+    if argv[0] in _PIPELINE_HELP and ("-h" in argv or "--help" in argv):
+        _, usage, text = _PIPELINE_HELP[argv[0]]
+        print(f"usage: {usage}\n\n{text}")
+        return
     try:
         if argv and argv[0] in ("run", "sweep", "compare", "granularity"):
             _pipeline(argv)

@@ -146,3 +146,15 @@ def test_granularity_study_runs_every_granularity_and_level(tmp_path: Path, caps
     with pytest.raises(SystemExit):
         main(["granularity", recipe, "--granularities", "block"])
     assert "--granularities: unknown granularity 'block'; allowed: element, vector" in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_each_pipeline_command_has_its_own(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    top = capsys.readouterr().out
+    for command in ("fit", "validate", "run", "sweep", "compare", "granularity", "lenet_mnist5k_shapes"):
+        assert command in top
+    main(["run", "lenet_mnist5k_shapes", "--help"])  # the recipe is not trained: help only
+    run_help = capsys.readouterr().out
+    assert run_help.startswith("usage: ssl-lightning run RECIPE [--baseline] [--out DIR]") and "--baseline" in run_help
+    main(["compare", "--help"])
+    assert "usage: ssl-lightning compare SPEC [--seeds" in capsys.readouterr().out
