@@ -177,9 +177,17 @@ def run(
     x = _val_batch(data, 64).to(model.device)
     sparsity = sparsity_report(net, x[:1])
     result = RunResult(out, val_acc, baseline_acc, sparsity)
+    print("run: compacting the trained model (depth, channels, shapes; checked against the original) ...", flush=True)
+    t1 = time.perf_counter()
     info = compact_with_info(net, x)  # raises CompactionError if the compacted model differs
+    print(f"run: compacted in {time.perf_counter() - t1:.1f} s; timing dense vs compacted side by side ...", flush=True)
     for batch in sorted({1, len(x)}):
+        t1 = time.perf_counter()
         result.compaction[batch] = compaction_report(net, info.model, x[:batch])
+        print(
+            f"run: batch {batch}: {result.compaction[batch].speedup:.2f}x ({time.perf_counter() - t1:.1f} s)",
+            flush=True,
+        )
     result.seconds = time.perf_counter() - t0
     _write(result, info, net, ssl, recipe)
     _log(trainer, result)

@@ -22,10 +22,13 @@ QUICK = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--t
 def test_run_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     main(["run", RECIPE, "--baseline", "--out", str(out), *QUICK, "--trainer.default_root_dir", str(tmp_path)])
-    summary_line = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out.strip().splitlines()
+    summary_line = printed[-1]
     assert (
         "val acc" in summary_line and "dense baseline" in summary_line and "compacted speedup batch 1" in summary_line
     )
+    progress = [line for line in printed if line.startswith("run: ")]  # the minutes after training are not silent
+    assert progress[0].startswith("run: compacting the trained model") and progress[-1].startswith("run: batch 64: ")
     for name in ("report.md", "report.json", "layer_sparsity.png", "conv1_filters.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "report.json").read_text())
