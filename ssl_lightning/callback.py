@@ -103,7 +103,6 @@ class SparsityCallback(Callback):
         compact_align: int,
         compact_when: str,
         schedule_arg: str = "lambda_schedule",
-        threshold_arg: str = "prune_threshold",
     ) -> None:
         _check_choice("unit", unit, ("epoch", "step"))
         _check_choice(schedule_arg, lambda_schedule, LAMBDA_SCHEDULES)
@@ -156,6 +155,8 @@ class SparsityCallback(Callback):
         self._step_state: tuple[str, float] = ("dense", 0.0)
         self._last_logged = -1
         self._monitored: dict[str, float] = {}  # model-level figures logged through pl_module.log every step
+        self._owned: dict[str, Tensor] = {}  # the method's own parameters (e.g. PSP's α) until they are folded
+        self._others: list[SparsityCallback] = []  # the Trainer's other sparsity callbacks
 
     # ------------------------------------------------------------ subclass API
     def group_spec(self) -> dict[str, float]:
@@ -201,15 +202,13 @@ class SparsityCallback(Callback):
                     f"its children are {children}"
                 ) from None
             self._check_compaction_returns(trainer, pl_module)
-        self._check_other_callbacks(trainer)
+        # two sparsity callbacks on one Trainer: allowed on disjoint layers only (checked when groups are set)
+        self._others = [c for c in trainer.callbacks if isinstance(c, SparsityCallback) and c is not self]  # type: ignore[attr-defined]
         self._set_groups(pl_module, self._build_groups(pl_module, self.group_spec()))
         # before the checkpoint (if any) is restored: the method's parameters must exist to receive their values
         self.sparsity_method.attach(pl_module, self.groups)
-        self._params.update(self.sparsity_method.owned_parameters(pl_module))
-
-    def _check_other_callbacks(self, trainer: Trainer) -> None:
-        """Two sparsity callbacks on one Trainer: allowed only on disjoint layers (checked once groups exist)."""
-        self._others = [c for c in trainer.callbacks if isinstance(c, SparsityCallback) and c is not self]  # type: ignore[attr-defined]
+        self._owned = self.sparsity_method.owned_parameters(pl_module)
+        self._params.update(self._owned)
 
     def _check_compaction_returns(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """ddp_spawn / ddp_notebook train in worker processes and hand the main process only a state_dict, which
@@ -242,7 +241,7 @@ class SparsityCallback(Callback):
         )
 
     def _set_groups(self, pl_module: LightningModule, groups: list[Group]) -> None:
-        for other in getattr(self, "_others", []):
+        for other in self._others:
             shared = sorted(set(group_parameters(groups)) & set(group_parameters(other.groups)))
             if shared:
                 raise ValueError(
@@ -281,10 +280,9 @@ class SparsityCallback(Callback):
             )
         # optimizers exist, their saved state (on resume) is not loaded yet: give the method's parameters their
         # own groups now, so a resumed optimizer has the same groups as the one that was saved
-        owned = self.sparsity_method.owned_parameters(pl_module)
-        if owned:
+        if self._owned:
             self._check_optimized(trainer)
-            self._adopt_owned_parameters(trainer, owned)
+            self._adopt_owned_parameters(trainer, self._owned)
 
     def _check_optimized(self, trainer: Trainer) -> None:
         optimized = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
@@ -394,7 +392,7 @@ class SparsityCallback(Callback):
             # only the groups this optimizer updates: with several optimizers each group is acted on once
             self.sparsity_method.before_step(self._groups_of.get(id(raw), self.groups), scale)
         elif phase == "dense":  # train normally: the method's own parameters stay where they started
-            for p in self.sparsity_method.owned_parameters(pl_module).values():
+            for p in self._owned.values():
                 p.grad = None
         if self._mask_owner:
             mask_grads_(self._params, self.masks)
@@ -478,7 +476,7 @@ class SparsityCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.sparsity_method.owned_parameters(pl_module):
+        if self._owned:
             self.finish(trainer, pl_module)
         if self.compact_at_end is not None and self.compact_when == "fit_end":
             self.compact(trainer, pl_module, self.compact_at_end)
@@ -486,7 +484,7 @@ class SparsityCallback(Callback):
     def finish(self, trainer: Trainer | None, pl_module: LightningModule) -> None:
         """Hand the model back in plain form: the method folds its own parameters into the weights (for PSP the
         scales α), the optimizers forget them, and masks keep acting on the weights only."""
-        owned = self.sparsity_method.owned_parameters(pl_module)
+        owned, self._owned = self._owned, {}
         ids = {id(p) for p in owned.values()}
         self.sparsity_method.finish(pl_module)
         for name in owned:

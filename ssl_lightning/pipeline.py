@@ -299,7 +299,6 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
 
 
 COMPARE_KEYS = ("recipe", "seeds", "methods")
-_STORAGE_GRANULARITIES = ("element", "vector", "kernel", "filter", "channel", "shape")
 
 
 def _load_compare_spec(path: str) -> tuple[str, list[int], dict[str, dict[str, Any]]]:
@@ -358,21 +357,13 @@ def _sparse_speedups(net: nn.Module, x: Tensor) -> dict[int, float]:
 
 
 def _evaluate(label: str, seed: int, trainer: pl.Trainer, model: ImageClassifier, data: Any) -> dict[str, Any]:
-    from ssl_lightning.report import storage_report
-
     val_acc = _metric(trainer, "val_acc", data)
     net = model.model.eval()
     x = _val_batch(data, 64).to(model.device)
-    totals = sparsity_report(net, x[:1]).totals()
-    # each weight stored in its cheapest encoding: dense, or sparse at a granularity (values + indices)
-    per_layer: dict[str, dict[str, float]] = {}
-    for g in _STORAGE_GRANULARITIES:
-        for s in storage_report(net, g):
-            per_layer.setdefault(s.name, {"dense": s.dense_bits})[g] = s.stored_bits
-    chosen = {name: min(enc, key=lambda k: enc[k]) for name, enc in per_layer.items()}
-    stored_bytes = sum(per_layer[n][k] for n, k in chosen.items()) / 8
-    dense_bytes = sum(enc["dense"] for enc in per_layer.values()) / 8
-    encodings = "+".join(sorted(set(chosen.values())))
+    sparsity = sparsity_report(net, x[:1])  # each layer's weight also in its cheapest storage encoding
+    totals = sparsity.totals()
+    stored_bytes, dense_bytes = totals["stored_bytes"], totals["weight_bytes"]
+    encodings = "+".join(sorted({s.encoding for s in sparsity.layers}))
     info = compact_with_info(net, x)
     compacted = {b: compaction_report(net, info.model, x[:b]) for b in sorted({1, len(x)})}
     sparse = _sparse_speedups(net, x)

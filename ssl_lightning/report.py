@@ -82,23 +82,15 @@ def _zero_fraction(keep: Tensor) -> float:
     return (keep.numel() - int(keep.sum())) / keep.numel()
 
 
-def _cheapest_encoding(name: str, module: nn.Module, value_bits: int = 32, index_bits: int = 4) -> tuple[int, int, str]:
-    """(dense bits, stored bits, encoding) of the weight: dense, or its kept groups at the granularity that
-    stores them in the fewest bits (values + relative indices with fillers, :func:`index_storage`)."""
-    w = weight_of(module).detach()
-    dense = w.numel() * value_bits
-    best, encoding = dense, "dense"
-    kinds = _STORAGE_TYPES.items() if isinstance(module, nn.Conv2d) else [("element", "element")]
-    for granularity, kind in kinds:
-        member = (
-            conv_member(name, w, kind, module.groups) if isinstance(module, nn.Conv2d) else linear_member(name, w, kind)
-        )
-        keep = member.reduce_sq((w != 0).float()) > 0
-        entries, _ = index_storage(keep, index_bits)
-        bits = entries * (member.group_size * value_bits + index_bits)
-        if bits < best:
-            best, encoding = bits, granularity
-    return dense, best, encoding
+def _cheapest_encoding(name: str, module: nn.Module) -> tuple[int, int, str]:
+    """(dense bits, stored bits, encoding) of the weight with 32-bit values and 4-bit indices: dense, or its kept
+    groups at the granularity that stores them in the fewest bits (:func:`storage_report`)."""
+    candidates = [st for g in GRANULARITIES if (st := _layer_storage(name, module, g, 32, 4)) is not None]
+    dense = weight_of(module).numel() * 32
+    best = min(candidates, key=lambda st: st.stored_bits, default=None)
+    if best is None or best.stored_bits >= dense:
+        return dense, dense, "dense"
+    return dense, best.stored_bits, best.granularity
 
 
 def layer_stats(name: str, module: nn.Module, positions: int | None = None) -> LayerStats:
@@ -284,13 +276,18 @@ class StorageStats:
         return self.stored_bits / 8
 
 
+def check_bits(arg: str, value: object) -> None:
+    """A storage width (``value_bits``, ``index_bits``) must be an int >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{arg} must be an int >= 1, got {value!r}")
+
+
 def index_storage(keep: Tensor, index_bits: int = 4) -> tuple[int, int]:
     """(entries, fillers) to store the kept groups of a flat bool ``keep`` (groups in storage order) with
     relative indices (deep compression's convention, Han et al. 2016): each entry stores the distance to the
     previous entry in ``index_bits`` bits (1 .. 2^index_bits); a larger distance takes filler entries (a stored
     all-zero group) every 2^index_bits positions. Entries include the fillers."""
-    if not isinstance(index_bits, int) or isinstance(index_bits, bool) or index_bits < 1:
-        raise ValueError(f"index_bits must be an int >= 1, got {index_bits!r}")
+    check_bits("index_bits", index_bits)
     span = 2**index_bits
     positions = torch.nonzero(keep.flatten(), as_tuple=False).flatten()
     if positions.numel() == 0:
@@ -301,7 +298,32 @@ def index_storage(keep: Tensor, index_bits: int = 4) -> tuple[int, int]:
     return int(positions.numel()) + fillers, fillers
 
 
-_STORAGE_TYPES = GRANULARITIES
+def encoded_bits(keep: Tensor, group_size: int, value_bits: int, index_bits: int) -> tuple[int, int, int]:
+    """(value bits, index bits, fillers) of the kept groups (``keep``, in storage order) of ``group_size``
+    weights each: every entry, fillers included, stores a whole group and one relative index."""
+    entries, fillers = index_storage(keep, index_bits)
+    return entries * group_size * value_bits, entries * index_bits, fillers
+
+
+def _layer_storage(
+    name: str, module: nn.Module, granularity: str, value_bits: int, index_bits: int
+) -> StorageStats | None:
+    """The weight of a Conv2d (any granularity) or Linear (``element`` only) stored at ``granularity``; a group is
+    kept when any of its weights is non-zero. None for a layer the granularity does not apply to."""
+    kind = GRANULARITIES[granularity]
+    if isinstance(module, nn.Conv2d):
+        member = conv_member(name, weight_of(module), kind, module.groups)
+    elif isinstance(module, nn.Linear) and kind == "element":
+        member = linear_member(name, weight_of(module), kind)
+    else:
+        return None
+    w = weight_of(module).detach()
+    keep = member.reduce_sq((w != 0).float()) > 0
+    values, indices, fillers = encoded_bits(keep, member.group_size, value_bits, index_bits)
+    return StorageStats(
+        name, granularity, member.num_groups, int(keep.sum()), member.group_size, fillers, value_bits, index_bits,
+        w.numel() * value_bits, values, indices,
+    )  # fmt: skip
 
 
 def storage_report(
@@ -315,32 +337,17 @@ def storage_report(
     """:class:`StorageStats` of every Conv2d (and, for ``element``, Linear) weight of ``model`` stored at
     ``granularity`` (``element``, ``vector``, ``kernel``, ``filter``, ``channel``, ``shape``): a group is kept
     when any of its weights is non-zero. ``layers`` restricts the report to those module names."""
-    if granularity not in _STORAGE_TYPES:
-        raise ValueError(f"granularity must be one of {', '.join(map(repr, _STORAGE_TYPES))}, got {granularity!r}")
-    if not isinstance(value_bits, int) or isinstance(value_bits, bool) or value_bits < 1:
-        raise ValueError(f"value_bits must be an int >= 1, got {value_bits!r}")
-    index_storage(torch.zeros(0, dtype=torch.bool), index_bits)  # checks index_bits before any work
-    kind = _STORAGE_TYPES[granularity]
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(map(repr, GRANULARITIES))}, got {granularity!r}")
+    check_bits("value_bits", value_bits)
+    check_bits("index_bits", index_bits)
     wanted = set(layers) if layers is not None else None
     out = []
     for name, mod in model.named_modules():
-        if wanted is not None and name not in wanted:
-            continue
-        if isinstance(mod, nn.Conv2d):
-            member = conv_member(name, weight_of(mod), kind, mod.groups)
-        elif isinstance(mod, nn.Linear) and kind == "element":
-            member = linear_member(name, weight_of(mod), kind)
-        else:
-            continue
-        w = weight_of(mod).detach()
-        keep = member.reduce_sq((w != 0).float()) > 0
-        entries, fillers = index_storage(keep, index_bits)
-        out.append(
-            StorageStats(
-                name, granularity, member.num_groups, int(keep.sum()), member.group_size, fillers, value_bits,
-                index_bits, w.numel() * value_bits, entries * member.group_size * value_bits, entries * index_bits,
-            )
-        )  # fmt: skip
+        if wanted is None or name in wanted:
+            stats = _layer_storage(name, mod, granularity, value_bits, index_bits)
+            if stats is not None:
+                out.append(stats)
     return out
 
 

@@ -32,7 +32,7 @@ from ssl_lightning.callback import SparsityCallback, _check_choice, _check_numbe
 from ssl_lightning.groups import GRANULARITIES, Group, Selector
 from ssl_lightning.methods.base import SparsityMethod
 from ssl_lightning.penalty import keep_masks
-from ssl_lightning.report import index_storage
+from ssl_lightning.report import check_bits, encoded_bits
 from ssl_lightning.schedules import PRUNE_SCHEDULES, PhaseSchedule, sparsity_target
 
 __all__ = ["GRANULARITIES", "GranularityPruning", "MagnitudePruning"]
@@ -70,16 +70,11 @@ class MagnitudePruning(SparsityMethod):
 
     def _pruned_now(self, group: Group) -> Tensor:
         """Bool [num_groups]: groups whose every member slice is already masked out."""
-        out = torch.zeros(group.num_groups, dtype=torch.bool)
-        first = True
-        for m in group.members:
-            mask = self.current_masks.get(m.name)
-            if mask is None:
-                return torch.zeros(group.num_groups, dtype=torch.bool)
-            dead = ~m.view(mask.cpu()).any(dim=m.reduce_dims).reshape(-1)
-            out = dead if first else out & dead
-            first = False
-        return out
+        masks = self.current_masks
+        if any(m.name not in masks for m in group.members):
+            return torch.zeros(group.num_groups, dtype=torch.bool)
+        dead = [~m.view(masks[m.name].cpu()).any(dim=m.reduce_dims).reshape(-1) for m in group.members]
+        return torch.stack(dead).all(0)
 
     def masks_for(self, groups: Sequence[Group], fraction: float) -> dict[str, Tensor]:
         """Keep-masks pruning ``fraction`` × each family's target (``lam``), rounded to the nearest group."""
@@ -128,8 +123,8 @@ class MagnitudePruning(SparsityMethod):
         for g in groups:
             layer = g.modules[0]
             out[f"{prefix}/{layer}/{g.kind}_target"] = max(self._applied, 0.0) * g.lam
-            entries, _ = index_storage((g.norms() > 0).cpu(), self.index_bits)
-            bits = entries * (g.group_size * self.value_bits + self.index_bits)
+            values, indices, _ = encoded_bits((g.norms() > 0).cpu(), g.group_size, self.value_bits, self.index_bits)
+            bits = values + indices
             numel = g.num_groups * g.group_size
             dense, stored = dense + numel * self.value_bits, stored + bits
             out[f"{prefix}/{layer}/compression"] = numel * self.value_bits / bits if bits else float("inf")
@@ -206,9 +201,8 @@ class GranularityPruning(SparsityCallback):
             raise ValueError(f"cycles must be an int >= 1, got {cycles!r}")
         if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
             raise ValueError(f"frequency must be an int >= 1 ({unit}s), got {frequency!r}")
-        for arg, bits in (("value_bits", value_bits), ("index_bits", index_bits)):
-            if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
-                raise ValueError(f"{arg} must be an int >= 1, got {bits!r}")
+        check_bits("value_bits", value_bits)
+        check_bits("index_bits", index_bits)
         if scope == "global" and layer_sparsity:
             raise ValueError("layer_sparsity sets per-layer targets, which scope='global' does not have; use one")
         phases = phases or {}

@@ -194,7 +194,8 @@ class PSP(SparsityMethod):
     def zero_groups(self, group: Group) -> Tensor:
         if self._module is None or not self._attached(group):
             return super().zero_groups(group)
-        return ~self._keep(group).to(group.norms().device) | (group.norms() == 0)
+        norms = group.norms()
+        return ~self._keep(group).to(norms.device) | (norms == 0)
 
     def _attached(self, group: Group) -> bool:
         path, attr, _ = self._where.get(group.name, ("", "", ""))
@@ -334,8 +335,8 @@ class ParameterizedPruning(SparsityCallback):
             self._warn_scale_invariant(pl_module)
 
     def _warn_scale_invariant(self, pl_module: LightningModule) -> None:
-        kinds = {g.modules[0] for g in self.groups if g.kind in ("filter", "neuron_out")}
-        if not kinds:
+        layers = {g.modules[0] for g in self.groups if g.kind in ("filter", "neuron_out")}
+        if not layers:
             return
         from ssl_lightning.graph import analyze
 
@@ -348,7 +349,7 @@ class ParameterizedPruning(SparsityCallback):
             p
             for sp in analysis.spaces
             for p in sp.producers
-            if p in kinds and any(isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm) for n in sp.passthrough)
+            if p in layers and any(isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm) for n in sp.passthrough)
         )
         if hits:
             rank_zero_warn(
