@@ -9,18 +9,30 @@ model input, or an op the analysis does not know is *blocked*: its channels cann
 
 The result tells :mod:`ssl_lightning.groups` which slices of which tensors form one coupled channel
 group, and which residual branches form one depth group.
+
+Models that ``torch.fx`` cannot trace as a whole (data-dependent control flow, ``int(proxy)``, input checks —
+e.g. every transformers vision model) are analysed piecewise: a submodule whose own ``forward`` does not
+trace becomes an opaque call in its parent's graph (the channels crossing it stay whole), and its children
+are analysed on their own, recursively, so everything below the untraceable code is still followed. Each
+piece that could not be traced is reported by module name with the tracer's reason
+(:attr:`GraphAnalysis.untraced`). Optional arguments of a piece traced on its own keep their default values
+(``return_dict=True`` etc.), as in its parent's call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs"]
 
@@ -33,6 +45,8 @@ _PASS_MODULES: tuple[type[nn.Module], ...] = (
     nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
     nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 )  # fmt: skip
+# Normalisations with one parameter slice per channel (statistics per channel, or per group for GroupNorm).
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
 _PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
     F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
@@ -73,6 +87,7 @@ class ChannelSpace:
 class _Value:
     segments: list[tuple[int, int | None]]  # (space id, channels) along dim 1, in order
     flat: bool = False  # after a flatten: dim 1 is channels x spatial positions
+    opaque: bool = False  # the output of an untraceable submodule (may be a tuple / ModelOutput, all blocked)
 
 
 @dataclass
@@ -88,11 +103,14 @@ class GraphAnalysis:
     terminal_modules: set[str]  # weight modules whose output reaches the model output as channels
     unsupported: list[str]  # human-readable notes on what blocked analysis
     multi_called: set[str] = field(default_factory=set)  # modules called more than once (shared weights)
+    untraced: dict[str, str] = field(default_factory=dict)  # module name ("" = the model) -> why fx failed
 
 
 class _Analyzer:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, scope: str = "", opaque: frozenset[str] = frozenset()) -> None:
         self.gm = gm
+        self.scope = scope  # the analysed submodule's name ("" for the whole model): boundary notes name it
+        self.opaque = opaque  # untraceable submodules (analysed on their own): channels crossing them stay
         self.modules = dict(gm.named_modules())
         self.parent: list[int] = []
         self.spaces: list[ChannelSpace] = []
@@ -185,7 +203,7 @@ class _Analyzer:
             args = [val(a) for a in node.args]
             x = args[0] if args else None
             if node.op == "placeholder":
-                out = _Value([(self.new_space(None, "model input"), None)])
+                out = _Value([(self.new_space(None, f"input of {self.scope}" if self.scope else "model input"), None)])
             elif node.op == "get_attr":
                 attr = _get_attr(self.gm, str(node.target))
                 out = _Attr(str(node.target), tuple(attr.shape)) if isinstance(attr, torch.Tensor) else None
@@ -221,7 +239,8 @@ class _Analyzer:
                     sid = self.new_space(mod.out_features)
                     self.spaces[sid].producers.append(name)
                     out = _Value([(sid, mod.out_features)])
-                elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and isinstance(x, _Value):
+                elif isinstance(mod, _NORMS) and isinstance(x, _Value) and not x.flat:
+                    # per-channel affine (and statistics); GroupNorm: channel removal in whole groups
                     anc.add(name)
                     self._channelwise(x, name, mod)
                     out = x
@@ -238,11 +257,14 @@ class _Analyzer:
                 elif isinstance(mod, nn.Flatten) and isinstance(x, _Value) and mod.start_dim == 1:
                     out = _Value(x.segments, flat=True)
                 else:
-                    reason = f"unsupported module {name} ({type(mod).__name__})"
-                    for a in args:
+                    untraced = name in self.opaque
+                    what = "is not traceable" if untraced else "unsupported module"
+                    reason = f"{what} {name} ({type(mod).__name__})" if not untraced else f"{name} {what}"
+                    for a in [*args, *(val(a) for a in node.kwargs.values())]:
                         self.block(a, reason)
-                    self.notes.append(reason)
-                    out = _Value([(self.new_space(None, reason), None)])
+                    if not untraced:  # untraceable pieces are reported once, by analyze
+                        self.notes.append(reason)
+                    out = _Value([(self.new_space(None, reason), None)], opaque=untraced)
             elif node.op in ("call_function", "call_method"):
                 out = self._function(node, args, x)
                 if node.target in _ADDS:
@@ -256,10 +278,17 @@ class _Analyzer:
                         if isinstance(v, _Value):
                             for sid, _ in v.segments:
                                 terminal.update(self.space(sid).producers)
-                        self.block(v, "model output")
+                        self.block(v, f"output of {self.scope}" if self.scope else "model output")
             env[node] = out
             weight_ancestors[node] = frozenset(anc)
 
+        # A long skip addition (U-Net decoder + encoder feature) has whole residual blocks on its "branch"
+        # side: only innermost branches (holding no other branch) are depth groups.
+        sets = [frozenset(b) for b in depth]
+        for b in depth:
+            if any(o < frozenset(b) for o in sets):
+                self.notes.append(f"skip addition over {b[0]}..{b[-1]} holds residual blocks: not a depth branch")
+        depth = [b for b in depth if not any(o < frozenset(b) for o in sets)]
         roots = {self.find(i) for i in range(len(self.spaces))}
         spaces = [self.spaces[r] for r in sorted(roots) if self.spaces[r].producers]
         calls: dict[str, int] = {}
@@ -271,6 +300,9 @@ class _Analyzer:
     def _function(self, node: fx.Node, args: list[object], x: object) -> object:
         target = node.target
         is_fn = node.op == "call_function"
+        if isinstance(x, _Value) and x.opaque and (target in (getattr, operator.getitem) or not is_fn):
+            reason = f"{node.name}: part of an untraceable module's output"
+            return _Value([(self.new_space(None, reason), None)], opaque=True)  # outputs[0], .pooler_output
         if (is_fn and target is getattr) or (not is_fn and target in _IGNORED_METHODS):
             return None
         if (is_fn and target in _PASS_FUNCTIONS) or (not is_fn and target in _PASS_METHODS):
@@ -360,8 +392,8 @@ class _Analyzer:
 
     def _depth_branch(self, node: fx.Node, anc: dict[fx.Node, frozenset[str]]) -> list[str]:
         ins = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        if len(ins) != 2:
-            return []
+        if len(ins) != 2 or not all(isinstance(self.env.get(a), _Value) for a in ins):
+            return []  # adding a parameter / constant (a bias, GRN's beta) joins no branches
         a, b = anc.get(ins[0], frozenset()), anc.get(ins[1], frozenset())
 
         def weights(names: frozenset[str]) -> list[str]:
@@ -396,25 +428,215 @@ _COMPACTED_LAYERS = {"CompactConv2d", "CompactLinear", "PaddedFoldConv2d", "Spar
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaves = leaves  # qualified names (relative to the traced root) kept as opaque calls
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves:
+            return True
         if type(m).__name__ in _COMPACTED_LAYERS and type(m).__module__.startswith("ssl_lightning."):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def analyze(model: nn.Module) -> GraphAnalysis:
+def _defaults(module: nn.Module) -> dict[str, object]:
+    """Optional non-tensor arguments after the first (flags such as ``return_dict``): traced as constants."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    plain = (type(None), bool, int, float, str)
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and isinstance(p.default, plain)
+    }
+
+
+def _trace(module: nn.Module, leaves: frozenset[str]) -> fx.GraphModule:
+    return fx.GraphModule(module, _Tracer(leaves).trace(module, concrete_args=_defaults(module) or None))
+
+
+@dataclass
+class _Piece:
+    """How one submodule is analysed: its graph with some descendants opaque, or (gm None) not at all."""
+
+    gm: fx.GraphModule | None
+    leaves: frozenset[str]  # relative names of opaque descendants
+    reason: str  # why this module's own forward could not be traced ("" when it could)
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any], Any]  # (args, kwargs, output) of a module's first call
+
+
+def _checked_trace(module: nn.Module, leaves: frozenset[str], call: Call | None) -> fx.GraphModule:
+    """Trace, and when the module's real call is known, check that the graph reproduces it: a trace can be
+    silently wrong (``torch.jit.isinstance(proxy, Tensor)`` is False, so a branch on it drops a skip input)."""
+    gm = _trace(module, leaves)
+    if call is not None:
+        args, kwargs, want = call
+        try:
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return gm  # a signature the check cannot map; the trace stands unchecked
+        for name, value in _defaults(module).items():  # traced as constants: the call must use the same value
+            given = bound.pop(name, value)
+            if given is not value and (isinstance(given, Tensor) or given != value):
+                raise RuntimeError(f"it is called with {name}={given!r}, traced with {value!r}")
+        try:
+            with torch.no_grad():
+                have = gm(*bound.values())
+        except Exception as err:
+            raise RuntimeError(f"its traced graph fails where the module runs ({type(err).__name__}: {err})") from err
+        a, b = tree_flatten(want)[0], tree_flatten(have)[0]
+        same = len(a) == len(b) and all(
+            not isinstance(x, Tensor) or (isinstance(y, Tensor) and x.shape == y.shape and torch.allclose(x, y))
+            for x, y in zip(a, b, strict=False)
+        )
+        if not same:
+            raise RuntimeError("its traced graph computes something else than the module (Python control flow "
+                               "the tracer resolved differently)")  # fmt: skip
+    return gm
+
+
+def _piece(module: nn.Module, memo: dict[int, _Piece], calls: dict[int, Call]) -> _Piece:
+    """Trace ``module``; when that fails, make the children that do not trace (deepest first) opaque calls
+    and try again. A module whose own forward fails even then is not traceable. ``memo``: by module id;
+    ``calls``: recorded real calls by module id, to check each trace against."""
+    if id(module) in memo:
+        return memo[id(module)]
+    call = calls.get(id(module))
+    try:
+        piece = _Piece(_checked_trace(module, frozenset(), call), frozenset(), "")
+    except Exception as err:  # any tracer failure: fall back to the children
+        reason = f"{type(err).__name__}: {err}".split("\n")[0]
+        leaves: set[str] = set()
+        for name, child in module.named_children():
+            sub = _piece(child, memo, calls)
+            if sub.gm is None:
+                leaves.add(name)
+            else:
+                leaves |= {f"{name}.{leaf}" for leaf in sub.leaves}
+        piece = _Piece(None, frozenset(), reason)
+        if leaves:
+            with contextlib.suppress(Exception):  # else the module's own code does not trace either
+                piece = _Piece(_checked_trace(module, frozenset(leaves), call), frozenset(leaves), "")
+    memo[id(module)] = piece
+    return piece
+
+
+def _record_calls(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> dict[int, Call]:
+    """The first call (args, kwargs, output) of the model and every submodule that holds others."""
+    calls: dict[int, Call] = {}
+    pending: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        pending.setdefault(id(m), (args, kwargs))
+
+    def post(m: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], out: Any) -> None:
+        if id(m) not in calls and id(m) in pending:
+            calls[id(m)] = (*pending[id(m)], out)
+
+    mods = [m for m in model.modules() if m is model or not _opaque_layer(m)]
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
+    hooks += [m.register_forward_hook(post, with_kwargs=True) for m in mods]
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _opaque_layer(module: nn.Module) -> bool:
+    """A module with nothing inside to analyse: a torch.nn layer (conv, BN, ...) is a boundary on its own."""
+    return not any(True for _ in module.children()) or (
+        type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential | nn.ModuleList)
+    )
+
+
+def _prefixed(a: GraphAnalysis, prefix: str) -> GraphAnalysis:
+    def q(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    spaces = [
+        ChannelSpace(
+            sp.size, [q(n) for n in sp.producers], [q(n) for n in sp.passthrough],
+            [(q(n), off, hw) for n, off, hw in sp.consumers], list(sp.blocked), [q(n) for n in sp.mixing],
+            [q(n) for n in sp.zero_only],
+        )
+        for sp in a.spaces
+    ]  # fmt: skip
+    return GraphAnalysis(
+        spaces, [[q(n) for n in b] for b in a.depth_branches], {q(n) for n in a.terminal_modules},
+        list(a.unsupported), {q(n) for n in a.multi_called}, {q(n): r for n, r in a.untraced.items()},
+    )  # fmt: skip
+
+
+def _analyze_tree(
+    module: nn.Module, prefix: str, out: list[GraphAnalysis], memo: dict[int, _Piece], calls: dict[int, Call]
+) -> None:
+    if prefix and _opaque_layer(module):
+        return
+    piece = _piece(module, memo, calls)
+    if piece.gm is not None:
+        out.append(_prefixed(_Analyzer(piece.gm, prefix, piece.leaves).run(), prefix))
+        inner = sorted(piece.leaves)
+    else:
+        out.append(GraphAnalysis([], [], set(), [], untraced={prefix: piece.reason}))
+        inner = [name for name, _ in module.named_children()]
+    for name in inner:
+        _analyze_tree(module.get_submodule(name), f"{prefix}.{name}" if prefix else name, out, memo, calls)
+
+
+def analyze(
+    model: nn.Module, example_inputs: Sequence[Tensor] | None = None, *, partial: bool = True
+) -> GraphAnalysis:
     """Trace ``model`` with ``torch.fx`` and return its channel spaces and residual branches.
 
-    Raises ``RuntimeError`` (with the tracer's message) when the model is not symbolically traceable.
+    A model that does not trace as a whole is analysed piecewise (see the module docstring); channels that
+    cross an untraceable module's code stay whole, and :attr:`GraphAnalysis.untraced` names each such module
+    with the reason. ``partial=False`` raises ``RuntimeError`` (with the tracer's message) instead.
+    example_inputs: when given, the model runs once on them and every traced graph must reproduce its
+    module's output; a graph that does not (Python control flow the tracer resolved differently from the
+    real run) counts as untraceable, so the analysis never follows a wrong graph.
     """
+    parts: list[GraphAnalysis] = []
+    if not partial:
+        try:
+            gm = _trace(model, frozenset())
+        except Exception as err:
+            raise RuntimeError(
+                f"torch.fx could not trace {type(model).__name__}: {err}. Coupled and depth groups need a "
+                "traceable model; use uncoupled group types or list depth blocks explicitly (depth_blocks=...)."
+            ) from err
+        return _Analyzer(gm).run()
+    training = model.training
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
-    except Exception as err:
-        raise RuntimeError(
-            f"torch.fx could not trace {type(model).__name__}: {err}. Coupled and depth groups need a "
-            "traceable model; use uncoupled group types or list depth blocks explicitly (depth_blocks=...)."
-        ) from err
-    return _Analyzer(gm).run()
+        model.eval()  # dropout would make a correct graph disagree with the recorded call
+        calls = _record_calls(model, tuple(example_inputs)) if example_inputs is not None else {}
+        _analyze_tree(model, "", parts, {}, calls)
+    finally:
+        model.train(training)
+    root_traced = "" not in parts[0].untraced
+    merged = GraphAnalysis([], [], set(), [])
+    for part in parts:
+        merged.spaces += part.spaces
+        merged.depth_branches += part.depth_branches
+        merged.unsupported += part.unsupported
+        merged.multi_called |= part.multi_called
+        merged.untraced.update(part.untraced)
+    # Only the whole model's graph says which layers produce its outputs; when untraceable code hides them,
+    # the last registered weight layer is taken as the output layer (its filters get no groups).
+    merged.terminal_modules = set(parts[0].terminal_modules) if root_traced else set()
+    if not merged.terminal_modules and merged.untraced:
+        weighted = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        merged.terminal_modules = set(weighted[-1:])
+    for name, reason in merged.untraced.items():
+        merged.unsupported.append(f"{name or type(model).__name__} is not traceable by torch.fx ({reason})")
+    return merged
 
 
 def capture_inputs(

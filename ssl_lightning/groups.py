@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
@@ -363,22 +364,18 @@ def build_groups(
     _validate(lambdas, layer_lambdas, model)
     selected = _select(model, include, exclude)
     all_modules = dict(model.named_modules())
-    analysis: GraphAnalysis | None = None
-    needs_graph = couple or ("depth" in lambdas and depth_blocks is None)
-    try:
-        analysis = analyze(model)
-    except RuntimeError:
-        if needs_graph:
-            raise
-    if analysis is not None:
-        terminal = analysis.terminal_modules
-    else:  # untraceable: treat the last registered weight layer as the output layer
-        weighted = [n for n, m in all_modules.items() if isinstance(m, nn.Conv2d | nn.Linear)]
-        terminal = set(weighted[-1:])
+    analysis = analyze(model)  # piecewise where torch.fx cannot trace the whole model
+    terminal = analysis.terminal_modules
+    if couple and analysis.untraced:
+        warnings.warn(
+            "couple=True: filters whose channels cross code torch.fx cannot trace stay uncoupled (their own "
+            "filter groups): " + "; ".join(f"{n or type(model).__name__}: {r}" for n, r in analysis.untraced.items()),
+            stacklevel=2,
+        )
 
     groups: list[Group] = []
     coupled_done: set[str] = set()
-    if couple and analysis is not None:
+    if couple:
         for i, sp in enumerate(analysis.spaces):
             if sp.blocked or not all(p in selected for p in sp.producers):
                 continue

@@ -331,21 +331,21 @@ def test_unsupported_modules_and_functional_convs_are_named_and_left_whole() -> 
         def __init__(self) -> None:
             super().__init__()
             self.a = nn.Conv2d(3, 8, 3, padding=1)
-            self.gn = nn.GroupNorm(2, 8)  # not a per-channel op the analysis follows
+            self.shuffle = nn.ChannelShuffle(2)  # moves channels: not a per-channel op the analysis follows
             self.w = nn.Parameter(torch.randn(6, 8, 3, 3))
             self.b = nn.Conv2d(6, 6, 3)
             self.c = nn.Conv2d(6, 4, 1)
             self.scale = nn.Parameter(torch.rand(1, 6, 1, 1) + 0.5)  # LayerScale-style: sliced with its channels
 
         def forward(self, x: Tensor) -> Tensor:
-            y = F.conv2d(self.gn(self.a(x)), self.w, padding=1)  # functional conv: its weight is not a module
+            y = F.conv2d(self.shuffle(self.a(x)), self.w, padding=1)  # functional conv: its weight is not a module
             return self.c(F.relu(self.b(y)) * self.scale)
 
     torch.manual_seed(8)
     m = Odd()
-    zero_filter(m.a, [0, 1])  # behind GroupNorm: must stay
+    zero_filter(m.a, [0, 1])  # behind ChannelShuffle: must stay
     zero_filter(m.b, [2])  # b -> relu -> * scale -> c: removable, scale sliced, constant folded into c
-    with pytest.warns(UserWarning, match=r"unsupported module gn \(GroupNorm\).*unsupported op conv2d"):
+    with pytest.warns(UserWarning, match=r"unsupported module shuffle \(ChannelShuffle\).*unsupported op conv2d"):
         info = compact_exact(m, torch.randn(2, 3, 10, 10))
     out = info.model
     assert out.a.out_channels == 8 and out.b.out_channels == 5 and out.scale.shape == (1, 5, 1, 1)

@@ -217,6 +217,18 @@ def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Mod
     return out
 
 
+def _whole_norm_groups(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module]) -> Tensor:
+    """A GroupNorm normalises each group of channels with the group's statistics, which every channel of the
+    group enters: a channel may go only with its whole group (then the other groups are unchanged)."""
+    out = removable
+    for name in sp.passthrough:
+        mod = modules.get(name)
+        if isinstance(mod, nn.GroupNorm):
+            whole = out.view(mod.num_groups, -1).all(1, keepdim=True)
+            out = whole.expand(mod.num_groups, out.numel() // mod.num_groups).flatten()
+    return out
+
+
 def plan_channel_removal(
     model: nn.Module,
     trials: Sequence[tuple[Tensor, ...]],
@@ -235,7 +247,7 @@ def plan_channel_removal(
     """
     if align < 1:
         raise ValueError(f"align must be an integer >= 1, got {align!r}")
-    analysis = analyze(model)
+    analysis = analyze(model, trials[0])
     modules = dict(model.named_modules())
     plan = ChannelPlan(unsupported=list(dict.fromkeys(analysis.unsupported)))
     consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
@@ -276,6 +288,7 @@ def plan_channel_removal(
         if sp.zero_only:  # LRN: a removed channel must add nothing to its neighbours' windows
             removable &= zero
         removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules, align)
+        removable = _whole_norm_groups(removable, sp, modules)
         if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
             removable[0] = False
         if not removable.any():
@@ -333,8 +346,8 @@ def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module
         mod = modules.get(name)
         if mod is None:  # a per-channel constant buffer (depth removal), sliced along dim 1
             continue
-        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU) and not isinstance(
-            mod, nn.modules.batchnorm._BatchNorm | nn.LocalResponseNorm
+        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU, nn.GroupNorm) and not isinstance(
+            mod, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm | nn.LocalResponseNorm
         ):
             return f"{name} is a {type(mod).__name__}"
     return ""
@@ -490,12 +503,36 @@ def _slice_out(name: str, mod: nn.Module, keep: Tensor) -> None:
             mod.running_mean = mod.running_mean[keep].clone()
             mod.running_var = mod.running_var[keep].clone()
         mod.num_features = keep.numel()
+    elif isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+        _check_index(name, keep, mod.num_features)
+        for attr in ("weight", "bias"):
+            p = getattr(mod, attr)
+            if p is not None:
+                setattr(mod, attr, _param(p[keep], p))
+        if mod.running_mean is not None and mod.running_var is not None:
+            mod.running_mean = mod.running_mean[keep].clone()
+            mod.running_var = mod.running_var[keep].clone()
+        mod.num_features = keep.numel()
+    elif isinstance(mod, nn.GroupNorm):
+        _check_index(name, keep, mod.num_channels)
+        per = mod.num_channels // mod.num_groups
+        counts = torch.bincount(keep // per, minlength=mod.num_groups)
+        if bool(((counts != 0) & (counts != per)).any()):
+            raise ValueError(f"channel plan for {name!r} keeps part of a GroupNorm group ({counts.tolist()} of "
+                             f"{per} per group); a GroupNorm loses channels only in whole groups")  # fmt: skip
+        if mod.weight is not None:
+            mod.weight = _param(mod.weight[keep], mod.weight)
+            mod.bias = _param(mod.bias[keep], mod.bias)
+        mod.num_channels, mod.num_groups = keep.numel(), keep.numel() // per
     elif isinstance(mod, nn.PReLU):
         _check_index(name, keep, mod.num_parameters)
         mod.weight = _param(mod.weight[keep], mod.weight)
         mod.num_parameters = keep.numel()
     else:
-        raise ValueError(f"channel plan slices {name!r}, a {type(mod).__name__}; only Conv2d, Linear, BN and PReLU")
+        raise ValueError(
+            f"channel plan slices {name!r}, a {type(mod).__name__}; only Conv2d, Linear, BatchNorm, InstanceNorm, "
+            "GroupNorm and PReLU"
+        )
 
 
 def _slice_in(name: str, mod: nn.Module, keep: Tensor) -> None:

@@ -12,7 +12,7 @@ parameter names are unchanged.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -92,7 +92,7 @@ def plan_and_remove_depth(
     """Remove, in place, every all-zero residual branch of ``model`` (eval mode) whose output is a measured
     per-channel constant. Returns the plan entries (JSON-able) and notes on zero branches left in place."""
     try:
-        analysis = analyze(model)
+        analysis = analyze(model, trials[0])
     except RuntimeError:
         return [], []
     plan: list[dict[str, Any]] = []
@@ -101,22 +101,11 @@ def plan_and_remove_depth(
     for branch in analysis.depth_branches:
         if not _branch_is_zero(model, branch):
             continue
-        prefix = _common_prefix(branch)
-        if not prefix or prefix in found:
-            notes.append(f"zero branch {branch}: no enclosing submodule to rewrite (or one per block); kept")
-            continue
-        sub = model.get_submodule(prefix)
-        rel = {n[len(prefix) + 1 :] for n in branch}
-        try:
-            gm = fx.symbolic_trace(sub)
-        except Exception as err:  # any tracing failure leaves the branch in place
-            notes.append(f"zero branch in {prefix}: not traceable ({err}); kept")
-            continue
-        hit = _find_add(gm, rel)
+        hit, why = _enclosing_block(model, branch, found)
         if hit is None:
-            notes.append(f"zero branch in {prefix}: its residual add is not inside {prefix}; kept")
+            notes.append(why)
             continue
-        found[prefix] = (branch, sub, gm, *hit)
+        found[hit[0]] = (branch, *hit[1:])
     # One pass over the trials records every candidate block's calls (a rewrite keeps outputs equal, so the
     # inputs of the other blocks stay valid).
     calls = _block_calls(model, list(found), trials, run)
@@ -133,6 +122,32 @@ def plan_and_remove_depth(
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _enclosing_block(
+    model: nn.Module, branch: Sequence[str], taken: Collection[str]
+) -> tuple[tuple[str, nn.Module, fx.GraphModule, fx.Node, int] | None, str]:
+    """The smallest traceable submodule holding the branch *and* its residual add: the branch's common parent,
+    else its parent and so on (a block whose branch is its own ``Sequential``, e.g. MONAI ``ResidualUnit``).
+    Returns (prefix, module, graph, add node, branch operand), or None with the reason it is kept."""
+    parts = _common_prefix(branch).split(".")
+    last = f"zero branch {list(branch)}: no enclosing submodule holds its residual add; kept"
+    while parts and parts[0]:
+        prefix = ".".join(parts)
+        parts.pop()
+        if prefix in taken:
+            return None, f"zero branch {list(branch)}: {prefix} already has a branch removed; kept"
+        sub = model.get_submodule(prefix)
+        try:
+            gm = fx.symbolic_trace(sub)
+        except Exception as err:  # not traceable at this level: try the parent
+            last = f"zero branch in {prefix}: not traceable ({type(err).__name__}: {err}); kept"
+            continue
+        hit = _find_add(gm, {n[len(prefix) + 1 :] for n in branch})
+        if hit is not None:
+            return (prefix, sub, gm, *hit), ""
+        last = f"zero branch in {prefix}: its residual add is not inside {prefix}; kept"
+    return None, last
 
 
 def _block_calls(
