@@ -238,6 +238,7 @@ class SparsityCallback(Callback):
             couple=self.couple,
             depth_blocks=self.depth_blocks,
             scale_by_group_size=self.scale_by_group_size,
+            example_inputs=_example_inputs(pl_module),
         )
 
     def _set_groups(self, pl_module: LightningModule, groups: list[Group]) -> None:
@@ -694,3 +695,15 @@ def __getattr__(name: str) -> Any:
 
         return StructuredSparsity
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _example_inputs(pl_module: LightningModule) -> tuple[Tensor, ...] | None:
+    """``pl_module.example_input_array`` (Lightning's convention) as positional inputs on the module's device,
+    to check the graph analysis against a real run; None when unset or given as keyword arguments."""
+    x = pl_module.example_input_array
+    if isinstance(x, Tensor):
+        x = (x,)
+    if not isinstance(x, tuple | list) or not all(isinstance(t, Tensor) for t in x):
+        return None
+    device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+    return tuple(t.to(device) for t in x)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs"]
+__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs", "own_forward"]
 
 # Modules and functions that keep dim 1 channel-for-channel.
 _PASS_MODULES: tuple[type[nn.Module], ...] = (
@@ -60,6 +60,8 @@ _BINARY_METHODS = {"add", "add_", "sub", "mul"}
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}  # residual joins (depth groups)
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _IGNORED_METHODS = {"size", "dim"}
+# attribute reads, and the guards fx adds for arguments traced as constants (``_assert(flag == True)``)
+_IGNORED_FUNCTIONS = {getattr, torch._assert, operator.eq, operator.ne, operator.is_, operator.is_not}
 
 
 @dataclass
@@ -303,7 +305,7 @@ class _Analyzer:
         if isinstance(x, _Value) and x.opaque and (target in (getattr, operator.getitem) or not is_fn):
             reason = f"{node.name}: part of an untraceable module's output"
             return _Value([(self.new_space(None, reason), None)], opaque=True)  # outputs[0], .pooler_output
-        if (is_fn and target is getattr) or (not is_fn and target in _IGNORED_METHODS):
+        if (is_fn and target in _IGNORED_FUNCTIONS) or (not is_fn and target in _IGNORED_METHODS):
             return None
         if (is_fn and target in _PASS_FUNCTIONS) or (not is_fn and target in _PASS_METHODS):
             return x if isinstance(x, _Value) else None
@@ -427,6 +429,19 @@ def _leaves(a: object) -> list[fx.Node]:
 _COMPACTED_LAYERS = {"CompactConv2d", "CompactLinear", "PaddedFoldConv2d", "SparseChannelLRN"}
 
 
+def own_forward(module: nn.Module) -> bool:
+    """A Conv2d / Linear subclass that computes its output its own way (e.g. weight standardisation): zeros in
+    its ``.weight`` are not zero effective weights, so it gets no groups and stays dense. Subclasses that only
+    add an ``__init__`` (transformers' ``EfficientNetDepthwiseConv2d``) are plain, and so are parametrized
+    layers (``.weight`` is then the effective weight)."""
+    if isinstance(module, nn.Conv2d):
+        cls = type(module)
+        return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
+    if isinstance(module, nn.Linear):
+        return type(module).forward is not nn.Linear.forward
+    return False
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -434,6 +449,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaves:
+            return True
+        if isinstance(m, nn.Conv2d | nn.Linear) and not own_forward(m):  # a plain layer under another name
             return True
         if type(m).__name__ in _COMPACTED_LAYERS and type(m).__module__.startswith("ssl_lightning."):
             return True
@@ -544,6 +561,8 @@ def _record_calls(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> dict[
     try:
         with torch.no_grad():
             model(*example_inputs)
+    except Exception:  # e.g. a LightningModule without forward: the submodules that ran are recorded
+        pass
     finally:
         for h in hooks:
             h.remove()
@@ -591,9 +610,7 @@ def _analyze_tree(
         _analyze_tree(module.get_submodule(name), f"{prefix}.{name}" if prefix else name, out, memo, calls)
 
 
-def analyze(
-    model: nn.Module, example_inputs: Sequence[Tensor] | None = None, *, partial: bool = True
-) -> GraphAnalysis:
+def analyze(model: nn.Module, example_inputs: Sequence[Tensor] | None = None, *, partial: bool = True) -> GraphAnalysis:
     """Trace ``model`` with ``torch.fx`` and return its channel spaces and residual branches.
 
     A model that does not trace as a whole is analysed piecewise (see the module docstring); channels that

@@ -29,7 +29,7 @@ from typing import Literal, TypeAlias
 
 from torch import Tensor, nn
 
-from ssl_lightning.graph import GraphAnalysis, analyze
+from ssl_lightning.graph import GraphAnalysis, analyze, own_forward
 
 __all__ = [
     "CONV_TYPES",
@@ -242,7 +242,16 @@ def _select(model: nn.Module, include: Sequence[Selector] | None, exclude: Seque
     chosen = (
         weighted if include is None else {n: m for n, m in weighted.items() if any(_matches(s, n, m) for s in include)}
     )
-    return {n: m for n, m in chosen.items() if not any(_matches(s, n, m) for s in exclude)}
+    chosen = {n: m for n, m in chosen.items() if not any(_matches(s, n, m) for s in exclude)}
+    own = [f"{n} ({type(m).__name__})" for n, m in chosen.items() if own_forward(m)]
+    if own:
+        warnings.warn(
+            f"{len(own)} layer(s) compute their output from a transformed weight (their own forward), so zeros in "
+            f".weight are not zero effective weights: no groups for {', '.join(own[:5])}"
+            + (" ..." if len(own) > 5 else ""),
+            stacklevel=3,
+        )
+    return {n: m for n, m in chosen.items() if not own_forward(m)}
 
 
 def _layer_lambda(
@@ -346,6 +355,7 @@ def build_groups(
     couple: bool = False,
     depth_blocks: Sequence[str] | None = None,
     scale_by_group_size: bool = False,
+    example_inputs: Sequence[Tensor] | None = None,
 ) -> list[Group]:
     """Build the group families of ``model`` for every group type in ``lambdas`` (type -> λ).
 
@@ -359,12 +369,14 @@ def build_groups(
     scale_by_group_size: multiply each family's λ by sqrt(its group size), so larger groups are
     penalized in proportion (the original SSL code scaled column λ this way across AlexNet layers).
     The layers whose outputs are the model's outputs get no filter / neuron_out groups.
+    example_inputs: inputs of ``model`` (a tuple of positional arguments); when given, each traced graph the
+    coupling and depth groups come from is checked against a real run (see :func:`ssl_lightning.graph.analyze`).
     """
     layer_lambdas = dict(layer_lambdas or {})
     _validate(lambdas, layer_lambdas, model)
     selected = _select(model, include, exclude)
     all_modules = dict(model.named_modules())
-    analysis = analyze(model)  # piecewise where torch.fx cannot trace the whole model
+    analysis = analyze(model, example_inputs)  # piecewise where torch.fx cannot trace the whole model
     terminal = analysis.terminal_modules
     if couple and analysis.untraced:
         warnings.warn(

@@ -208,7 +208,10 @@ def test_untraceable_model_with_coupling_warns_and_leaves_filters_uncoupled() ->
                 y = y * 2
             return self.fc(y.mean((2, 3)))
 
-    with pytest.warns(UserWarning, match=r"couple=True: filters whose channels cross code torch.fx cannot trace stay uncoupled .*Dynamic: TraceError: symbolically traced"):
+    with pytest.warns(
+        UserWarning,
+        match=r"couple=True: filters whose channels cross code torch.fx cannot trace stay uncoupled .*Dynamic: TraceError: symbolically traced",
+    ):
         coupled = build_groups(Dynamic(), {"filter": 1.0}, couple=True)
     assert [(g.name, [m.name for m in g.members]) for g in coupled] == [("conv:filter", ["conv.weight"])]
     groups = build_groups(Dynamic(), {"filter": 1.0, "neuron_in": 1.0})  # uncoupled still works

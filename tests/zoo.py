@@ -135,7 +135,10 @@ ZOO: dict[str, Builder] = {
 def zero_structure(model: nn.Module, seed: int = 0, couple: bool = False, kept: float = 0.6) -> None:
     """Zero a random ``1 - kept`` of the filters (coupled with their BN channels and consumers' inputs when
     ``couple``) and of the filter-shape columns of every conv, in place."""
-    groups = build_groups(model, {"filter": 1.0, "shape": 1.0}, couple=couple)
+    try:
+        groups = build_groups(model, {"filter": 1.0, "shape": 1.0}, couple=couple)
+    except ValueError:  # no layer takes groups (BiT: every conv standardises its weight)
+        return
     g = torch.Generator().manual_seed(seed)
     keeps = []
     for grp in groups:

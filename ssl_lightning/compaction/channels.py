@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_lightning.graph import ChannelSpace, analyze, capture_inputs
+from ssl_lightning.graph import ChannelSpace, analyze, capture_inputs, own_forward
 
 __all__ = ["ChannelPlan", "PaddedFoldConv2d", "SparseChannelLRN", "apply_channel_plan", "plan_channel_removal"]
 
@@ -346,8 +346,16 @@ def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module
         mod = modules.get(name)
         if mod is None:  # a per-channel constant buffer (depth removal), sliced along dim 1
             continue
-        if type(mod) not in (nn.Conv2d, nn.Linear, nn.PReLU, nn.GroupNorm) and not isinstance(
-            mod, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm | nn.LocalResponseNorm
+        if (isinstance(mod, nn.Conv2d | nn.Linear) and own_forward(mod)) or (
+            type(mod) not in (nn.PReLU, nn.GroupNorm)
+            and not isinstance(
+                mod,
+                nn.Conv2d
+                | nn.Linear
+                | nn.modules.batchnorm._BatchNorm
+                | nn.modules.instancenorm._InstanceNorm
+                | nn.LocalResponseNorm,
+            )
         ):
             return f"{name} is a {type(mod).__name__}"
     return ""

@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 from torch.utils._pytree import tree_flatten
 
 from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compaction.depth import plan_and_remove_depth
 from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
 from ssl_lightning.compaction.plans import PLAN_ATTR
-from ssl_lightning.graph import capture_inputs
+from ssl_lightning.graph import capture_inputs, own_forward
 from ssl_lightning.ops import lowered_nonzero
 
 __all__ = ["CompactionError", "CompactionResult", "compact", "compact_with_info"]
@@ -141,6 +142,7 @@ def compact_with_info(
         if verify:
             _check_finite(_outputs(original, inputs), "the model's output on the example inputs")
         new = copy.deepcopy(original).eval()
+        _numeric_padding(new)
         plan = ChannelPlan()
         depth: list[dict[str, Any]] = []
         notes: list[str] = []
@@ -163,13 +165,14 @@ def compact_with_info(
         setattr(new, PLAN_ATTR, {"depth": depth, "channels": plan.to_dict()})
         convs = {n: m for n, m in new.named_modules() if isinstance(m, nn.Conv2d)}
         for name, conv in convs.items():
-            if type(conv) is not nn.Conv2d:
+            if own_forward(conv) or is_parametrized(conv):
                 warnings.warn(
-                    f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward); left dense",
+                    f"compact: {name} is a {type(conv).__name__} (a Conv2d subclass with its own forward or "
+                    "weight parametrization); left dense",
                     stacklevel=2,
                 )
-        convs = {n: m for n, m in convs.items() if type(m) is nn.Conv2d and shapes}
-        linears = {n: m for n, m in new.named_modules() if type(m) is nn.Linear and shapes}
+        convs = {n: m for n, m in convs.items() if _plain(m) and shapes}
+        linears = {n: m for n, m in new.named_modules() if isinstance(m, nn.Linear) and _plain(m) and shapes}
         captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
         seen = {n: xs[0] for n, xs in captured.items() if xs}
         result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
@@ -200,6 +203,23 @@ def compact_with_info(
         return result
     finally:
         original.train(was_training)  # also when compaction fails: the caller's model keeps its mode
+
+
+def _plain(layer: nn.Module) -> bool:
+    return not own_forward(layer) and not is_parametrized(layer)
+
+
+def _numeric_padding(model: nn.Module) -> None:
+    """``padding='valid'`` / ``'same'`` (odd effective kernels) as the numbers they mean, so those convs can be
+    compacted like any other; an even kernel's asymmetric 'same' padding stays a string (dense)."""
+    for conv in model.modules():
+        if isinstance(conv, nn.Conv2d) and isinstance(conv.padding, str) and not own_forward(conv):
+            if conv.padding == "valid":
+                conv.padding = (0, 0)
+            else:
+                total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+                if all(t % 2 == 0 for t in total):
+                    conv.padding = (total[0] // 2, total[1] // 2)
 
 
 def _check_finite(outputs: Sequence[Tensor], what: str) -> None:
