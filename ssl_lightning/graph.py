@@ -69,7 +69,8 @@ class ChannelSpace:
     """A set of channels that must be kept or removed together.
 
     producers: modules whose output rows are these channels (conv filters / linear neurons + bias).
-    passthrough: modules with one parameter slice per channel (BatchNorm affine, depthwise conv rows).
+    passthrough: modules with one parameter slice per channel (BatchNorm affine, depthwise conv rows); over a
+    concatenation their slice for this space starts at ``offsets[name]`` (0 when absent).
     consumers: (module, offset, hw) — the module reads these channels at input index offset..offset+size,
     each repeated ``hw`` times contiguously after a flatten (hw == 1 otherwise).
     """
@@ -83,6 +84,7 @@ class ChannelSpace:
     # LRN modules on this space alone: a channel may go only if it is exactly zero at their input (it then adds
     # nothing to its neighbours' windows), and they become SparseChannelLRN (kept channels at their positions)
     zero_only: list[str] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -139,12 +141,16 @@ class _Analyzer:
         if sa.size is None:
             sa.size = sb.size
         self.parent[rb] = ra
+        for name in set(sa.passthrough) & set(sb.passthrough):  # one layer, the merged channels at two offsets
+            if sa.offsets.get(name, 0) != sb.offsets.get(name, 0):
+                sa.blocked.append(f"{name} reads these channels at two offsets")
         sa.producers += sb.producers
         sa.passthrough += sb.passthrough
         sa.consumers += sb.consumers
         sa.blocked += sb.blocked
         sa.mixing += sb.mixing
         sa.zero_only += sb.zero_only
+        sa.offsets.update(sb.offsets)
 
     def space(self, i: int) -> ChannelSpace:
         return self.spaces[self.find(i)]
@@ -156,13 +162,25 @@ class _Analyzer:
 
     def _channelwise(self, x: _Value, name: str, mod: nn.Module) -> None:
         """A layer with one parameter slice per channel (BN affine, depthwise conv, PReLU) passes its input's
-        channel spaces through. Over a concatenation its slices for each joined space start at that space's
-        offset, which the plans and coupled groups do not follow yet: those spaces are blocked (kept whole and
-        uncoupled) rather than sliced or coupled at the wrong channels."""
-        if len(x.segments) > 1:
-            self.block(x, f"{name} ({type(mod).__name__}) is channel-wise over a concatenation")
+        channel spaces through; over a concatenation (DenseNet) its slice for each joined space starts at that
+        space's offset. A space joined twice, or unknown sizes, or a GroupNorm (groups may straddle the joined
+        spaces) over a concatenation: blocked."""
+        if len(x.segments) == 1:
+            self.space(x.segments[0][0]).passthrough.append(name)
             return
-        self.space(x.segments[0][0]).passthrough.append(name)
+        roots = [self.find(sid) for sid, _ in x.segments]
+        sizes = [n for _, n in x.segments]
+        if len(set(roots)) < len(roots) or None in sizes or isinstance(mod, nn.GroupNorm):
+            self.block(x, f"{name} ({type(mod).__name__}) is channel-wise over a concatenation it cannot split")
+            return
+        off = 0
+        for (_, n), root in zip(x.segments, roots, strict=True):
+            sp = self.spaces[root]
+            if name in sp.passthrough:
+                sp.blocked.append(f"{name} reads these channels at two offsets")
+            sp.passthrough.append(name)
+            sp.offsets[name] = off
+            off += n or 0
 
     def consume(self, value: _Value, module: str, channels: int, features: int | None = None) -> None:
         """Register ``module`` as reading ``value`` (channels = total channels of value's segments)."""
@@ -584,7 +602,7 @@ def _prefixed(a: GraphAnalysis, prefix: str) -> GraphAnalysis:
         ChannelSpace(
             sp.size, [q(n) for n in sp.producers], [q(n) for n in sp.passthrough],
             [(q(n), off, hw) for n, off, hw in sp.consumers], list(sp.blocked), [q(n) for n in sp.mixing],
-            [q(n) for n in sp.zero_only],
+            [q(n) for n in sp.zero_only], {q(n): off for n, off in sp.offsets.items()},
         )
         for sp in a.spaces
     ]  # fmt: skip

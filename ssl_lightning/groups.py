@@ -325,7 +325,12 @@ def _coupled_group(
             continue
         for pname in ("weight", "bias"):
             p = getattr(mod, pname, None)
-            if isinstance(p, Tensor):
+            if not isinstance(p, Tensor):
+                continue
+            if name in sp.offsets:  # a BN / depthwise conv over a concatenation: this space's slice of it
+                whole = (p.shape[0], p.numel() // p.shape[0])
+                members.append(Member(f"{name}.{pname}", p, whole, (1,), narrow=(0, sp.offsets[name], size)))
+            else:
                 members.append(Member(f"{name}.{pname}", p, (size, p.numel() // size), (1,)))
     for name, off, hw in sp.consumers:
         mod = modules[name]

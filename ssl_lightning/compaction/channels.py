@@ -217,6 +217,14 @@ def _equal_blocks(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Mod
     return out
 
 
+def _channel_width(mod: nn.Module) -> int:
+    """Channels of a channel-wise layer (BN / InstanceNorm, PReLU, depthwise conv)."""
+    for attr in ("num_features", "num_parameters", "out_channels"):
+        if isinstance(n := getattr(mod, attr, None), int):
+            return n
+    raise ValueError(f"{type(mod).__name__} is not a channel-wise layer")
+
+
 def _whole_norm_groups(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module]) -> Tensor:
     """A GroupNorm normalises each group of channels with the group's statistics, which every channel of the
     group enters: a channel may go only with its whole group (then the other groups are unchanged)."""
@@ -255,6 +263,7 @@ def plan_channel_removal(
     corrections: dict[str, Tensor] = {}
     padded: dict[str, tuple[Tensor, Tensor]] = {}  # consumer -> (dense taps [out, R, kh, kw], values [R])
     in_masks: dict[str, Tensor] = {}
+    pass_masks: dict[str, Tensor] = {}  # channel-wise layers over a concatenation -> kept channels
     for sp in analysis.spaces:
         reason = _skip_reason(sp, analysis.multi_called, modules)
         if reason:
@@ -295,7 +304,11 @@ def plan_channel_removal(
             continue
         keep = (~removable).nonzero().flatten()
         for name in sp.producers + sp.passthrough:
-            plan.out_keep[name] = keep.tolist()
+            if name in sp.offsets:  # over a concatenation: this space's part of the layer's channels
+                mask = pass_masks.setdefault(name, torch.ones(_channel_width(modules[name]), dtype=torch.bool))
+                mask[sp.offsets[name] + removable.nonzero().flatten()] = False
+            else:
+                plan.out_keep[name] = keep.tolist()
         for name in sp.zero_only:
             plan.sparse_lrn[name] = n
         for name, off, hw, values in folds:
@@ -327,6 +340,8 @@ def plan_channel_removal(
                 corrections[name] = corrections.get(name, torch.zeros_like(corr)) + corr
     for name, mask in in_masks.items():
         plan.in_keep[name] = mask.nonzero().flatten().tolist()
+    for name, mask in pass_masks.items():
+        plan.out_keep[name] = mask.nonzero().flatten().tolist()
     plan.folds = sorted(corrections)
     for name, (fw, fv) in padded.items():
         corrections[f"{name}#fold_weight"], corrections[f"{name}#fold_value"] = fw, fv
