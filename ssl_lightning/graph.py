@@ -252,6 +252,12 @@ class _Analyzer:
                         self.block(x, f"depthwise conv {name} with channel multiplier")
                         sid = self.new_space(mod.out_channels, f"depthwise conv {name} with channel multiplier")
                         out = _Value([(sid, mod.out_channels)])
+                elif isinstance(mod, nn.ConvTranspose2d) and mod.groups == 1 and isinstance(x, _Value) and not x.flat:
+                    anc.add(name)  # weight [in, out, kh, kw]: reads input channels, produces output channels
+                    self.consume(x, name, mod.in_channels)
+                    sid = self.new_space(mod.out_channels)
+                    self.spaces[sid].producers.append(name)
+                    out = _Value([(sid, mod.out_channels)])
                 elif isinstance(mod, nn.Linear) and isinstance(x, _Value):
                     anc.add(name)
                     channels = sum(n or 0 for _, n in x.segments)

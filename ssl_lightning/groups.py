@@ -335,6 +335,9 @@ def _coupled_group(
     for name, off, hw in sp.consumers:
         mod = modules[name]
         w = weight_of(mod)
+        if isinstance(mod, nn.ConvTranspose2d):  # [in, out, kh, kw]: input channel c is w[c]
+            members.append(Member(f"{name}.weight", w, (w.shape[0], w[0].numel()), (1,), narrow=(0, off, size)))
+            continue
         if isinstance(mod, nn.Conv2d) and mod.groups > 1:
             # Grouped conv reading the whole space: input channel c = j * (C/g) + local sits in the rows
             # of group j only; view [g, out/g, C/g, k] and reduce rows and taps -> one norm per channel.

@@ -158,6 +158,8 @@ def _rows_zero(mod: nn.Module) -> Tensor | None:
     w = getattr(mod, "weight", None)
     if not isinstance(w, Tensor):
         return None
+    if isinstance(mod, nn.ConvTranspose2d):  # [in, out, kh, kw]: output channel j is w[:, j]
+        w = w.transpose(0, 1)
     return (w.detach().reshape(w.shape[0], -1) == 0).all(1).cpu()
 
 
@@ -177,6 +179,8 @@ def _dense_taps(conv: nn.Conv2d, channels: Tensor) -> Tensor:
 def _consumer_slice_zero(mod: nn.Module, off: int, size: int, hw: int) -> Tensor:
     """[size] bool: consumer ignores the channel (its input-weight slice is all zero)."""
     w = _weight(mod)
+    if isinstance(mod, nn.ConvTranspose2d):  # [in, out, kh, kw]: input channel c is w[c]
+        return (w[off : off + size].flatten(1) == 0).all(1)
     if isinstance(mod, nn.Conv2d) and mod.groups > 1:  # channel c lives in the rows of group c // (in/g)
         g = mod.groups
         zero = (w.reshape(g, w.shape[0] // g, w.shape[1], -1) == 0).all(3).all(1)  # [g, in/g]
@@ -284,6 +288,8 @@ def plan_channel_removal(
             values = _constant_values(measured[name], mod, off, n, hw, rtol)  # [n, hw], nan where not constant
             zero &= (values == 0).all(1)
             ok = torch.isfinite(values).all(1) & constant
+            if isinstance(mod, nn.ConvTranspose2d):  # a constant's share varies with overlaps and borders
+                ok &= (values == 0).all(1)
             if isinstance(mod, nn.Conv2d) and _has_padding(mod) and mod.padding_mode != "zeros":
                 pass  # reflect / replicate / circular padding repeats the constant: a plain bias fold is exact
             elif isinstance(mod, nn.Conv2d) and _has_padding(mod) and isinstance(mod.padding, str):
@@ -313,7 +319,7 @@ def plan_channel_removal(
             plan.sparse_lrn[name] = n
         for name, off, hw, values in folds:
             mod = modules[name]
-            width = mod.in_channels if isinstance(mod, nn.Conv2d) else _weight(mod).shape[1]
+            width = mod.in_channels if isinstance(mod, nn.Conv2d | nn.ConvTranspose2d) else _weight(mod).shape[1]
             mask = in_masks.setdefault(name, torch.ones(width, dtype=torch.bool))
             gone = removable.nonzero().flatten()
             if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and _has_padding(mod):
@@ -325,6 +331,9 @@ def plan_channel_removal(
                     padded[name] = (fw, fv) if prev is None else (torch.cat([prev[0], fw], 1), torch.cat([prev[1], fv]))
                     size = list(measured[name][0].shape[-2:])
                     plan.padded[name] = {"removed": int(padded[name][1].numel()), "size": size}
+                continue
+            if isinstance(mod, nn.ConvTranspose2d):  # only channels that are zero or ignored: nothing to fold
+                mask[off + gone] = False
                 continue
             if isinstance(mod, nn.Conv2d):
                 mask[off + gone] = False
@@ -362,7 +371,7 @@ def _skip_reason(sp: ChannelSpace, multi: set[str], modules: dict[str, nn.Module
         if mod is None:  # a per-channel constant buffer (depth removal), sliced along dim 1
             continue
         if (isinstance(mod, nn.Conv2d | nn.Linear) and own_forward(mod)) or (
-            type(mod) not in (nn.PReLU, nn.GroupNorm)
+            type(mod) not in (nn.PReLU, nn.GroupNorm, nn.ConvTranspose2d)
             and not isinstance(
                 mod,
                 nn.Conv2d
@@ -403,7 +412,9 @@ def _producer_norms(sp: ChannelSpace, modules: dict[str, nn.Module], n: int) -> 
     """[n] summed weight norm of each channel's producer rows: which removable channels to bring back first."""
     score = torch.zeros(n)
     for name in sp.producers:
-        score += _weight(modules[name]).reshape(n, -1).float().norm(dim=1)
+        w = _weight(modules[name])
+        w = w.transpose(0, 1) if isinstance(modules[name], nn.ConvTranspose2d) else w
+        score += w.reshape(n, -1).float().norm(dim=1)
     return score
 
 
@@ -510,6 +521,12 @@ def _slice_out(name: str, mod: nn.Module, keep: Tensor) -> None:
         mod.out_channels = keep.numel()
         if depthwise:
             mod.in_channels = mod.groups = keep.numel()
+    elif isinstance(mod, nn.ConvTranspose2d):
+        _check_index(name, keep, mod.out_channels)
+        mod.weight = _param(mod.weight[:, keep], mod.weight)
+        if mod.bias is not None:
+            mod.bias = _param(mod.bias[keep], mod.bias)
+        mod.out_channels = keep.numel()
     elif isinstance(mod, nn.Linear):
         _check_index(name, keep, mod.out_features)
         mod.weight = _param(mod.weight[keep], mod.weight)
@@ -572,9 +589,15 @@ def _slice_in(name: str, mod: nn.Module, keep: Tensor) -> None:
         parts = [mod.weight[j * og : (j + 1) * og][:, local[j]] for j in range(g)]
         mod.weight = _param(torch.cat(parts), mod.weight)
         mod.in_channels = keep.numel()
+    elif isinstance(mod, nn.ConvTranspose2d):
+        _check_index(name, keep, mod.in_channels)
+        mod.weight = _param(mod.weight[keep], mod.weight)
+        mod.in_channels = keep.numel()
     elif isinstance(mod, nn.Linear):
         _check_index(name, keep, mod.in_features)
         mod.weight = _param(mod.weight[:, keep], mod.weight)
         mod.in_features = keep.numel()
     else:
-        raise ValueError(f"channel plan slices the input of {name!r}, a {type(mod).__name__}; only Conv2d and Linear")
+        raise ValueError(
+            f"channel plan slices the input of {name!r}, a {type(mod).__name__}; only Conv2d, ConvTranspose2d, Linear"
+        )
