@@ -395,7 +395,7 @@ def _constant_values(seen: list[Tensor], mod: nn.Module, off: int, n: int, hw: i
     """[n, hw] per-channel (per flattened position for a Linear) value, nan where it varies over the inputs."""
     parts = []
     for x in seen:
-        if isinstance(mod, nn.Conv2d):  # [N, C, H, W] -> [n, N*H*W] (a conv folds one value per channel)
+        if isinstance(mod, nn.Conv2d | nn.ConvTranspose2d):  # [N, C, H, W] -> [n, N*H*W]: one value per channel
             parts.append(x[:, off : off + n].transpose(0, 1).reshape(n, 1, -1))
         else:  # [N, F] -> [n, hw, N]
             parts.append(x[:, off * hw : (off + n) * hw].reshape(-1, n, hw).permute(1, 2, 0))

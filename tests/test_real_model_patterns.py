@@ -1,0 +1,289 @@
+"""The patterns of real third-party networks, in small hand-written models: code torch.fx cannot trace (analysed
+piecewise), traces that are silently wrong (caught against a real run), residual adds one level above the branch,
+InstanceNorm / GroupNorm / ConvTranspose2d, string paddings and Conv2d subclasses."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_lightning import StructuredSparsity, build_groups
+from ssl_lightning.compaction import compact_with_info
+from ssl_lightning.graph import analyze
+
+
+def zero_filters(conv: nn.Module, idx: list[int]) -> None:
+    with torch.no_grad():
+        if isinstance(conv, nn.ConvTranspose2d):
+            conv.weight[:, idx] = 0
+        else:
+            conv.weight[idx] = 0
+        if conv.bias is not None:
+            conv.bias[idx] = 0
+
+
+def check(model: nn.Module, x: Tensor, **kw: object) -> nn.Module:
+    info = compact_with_info(model, x, measure=False, align=1, **kw)  # type: ignore[arg-type]
+    with torch.no_grad():
+        torch.testing.assert_close(info.model(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    return info.model
+
+
+class Stem(nn.Module):
+    """An input check on the shape (as in transformers' embeddings): fx cannot branch on a traced value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Body(nn.Module):
+    """Traceable: conv → BN → ReLU → conv, whose inner channels can go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(F.relu(self.bn1(self.conv1(x))))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Stem()
+        self.body = Body()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor, return_dict: bool = True) -> dict[str, Tensor] | Tensor:
+        y = self.body(self.stem(x)).mean((2, 3))
+        if int(y.shape[0]) > 0:  # int() of a traced value: fx fails on the whole model
+            y = self.head(y)
+        return {"logits": y} if return_dict else y
+
+
+def test_a_model_fx_cannot_trace_is_analysed_piecewise_and_still_compacted() -> None:
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    zero_filters(model.body.conv1, [1, 4, 9])
+    zero_filters(model.stem.conv, [2])  # crosses the untraceable stem: must stay
+    x = torch.randn(2, 3, 8, 8)
+    analysis = analyze(model, (x,))
+    assert set(analysis.untraced) == {"", "stem"}  # the model's own forward and the stem's
+    assert "control flow" in analysis.untraced[""] and "control flow" in analysis.untraced["stem"]
+    assert any("stem is not traceable" in n for n in analysis.unsupported)
+    with pytest.warns(UserWarning, match=r"Untraceable is not traceable by torch.fx"):
+        out = compact_with_info(model, x, measure=False, align=1)
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(x)["logits"], model(x)["logits"], rtol=1e-5, atol=1e-5)
+    assert out.model.body.conv1.out_channels == 13 and out.model.body.bn1.num_features == 13
+    assert out.model.stem.conv.out_channels == 8  # its channels cross code the analysis cannot see
+
+
+class Wrapper(pl.LightningModule):
+    """A LightningModule without a traceable forward around a traceable network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))  # fmt: skip
+        self.example_input_array = torch.randn(2, 3, 8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 1e9:  # data-dependent control flow
+            x = x * 0
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], _: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_coupled_groups_on_the_network_inside_an_untraceable_lightning_module() -> None:
+    module = Wrapper()
+    with pytest.warns(UserWarning, match="stay uncoupled"):
+        groups = build_groups(module, {"filter": 1.0}, couple=True)
+    first = next(g for g in groups if g.modules == ("net.0",))
+    assert {m.name for m in first.members} == {"net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias",
+                                               "net.3.weight"}  # fmt: skip
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 2, (12,))), batch_size=4)
+    cb = StructuredSparsity({"filter": 1e-3}, couple=True)
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="stay uncoupled"):
+        trainer.fit(module, data)
+    assert trainer.global_step == 3 and any(len(g.members) > 2 for g in cb.groups)
+
+
+class SkipUp(nn.Module):
+    """Like MONAI BasicUNet's UpCat: ``torch.jit.isinstance(proxy, Tensor)`` is False under fx, so the trace
+    silently drops the skip input from the concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Conv2d(8, 8, 1)
+        self.conv = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        x0 = self.up(x)
+        if skip is not None and torch.jit.isinstance(skip, Tensor):
+            return self.conv(torch.cat([skip, x0], 1))
+        return self.conv(torch.cat([x0, x0], 1))
+
+
+class UNetish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.upcat = SkipUp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = F.relu(self.down(x))
+        return self.upcat(F.relu(self.mid(d)), d)
+
+
+def test_a_silently_wrong_trace_is_caught_against_a_real_run() -> None:
+    torch.manual_seed(1)
+    model = UNetish().eval()
+    zero_filters(model.down, [0, 3])
+    x = torch.randn(2, 3, 8, 8)
+    analysis = analyze(model, (x,))
+    assert "traced graph" in analysis.untraced.get("upcat", "")
+    wrong = analyze(model)  # without inputs the wrong graph cannot be told apart
+    assert "upcat" not in wrong.untraced
+    out = check(model, x)  # used to crash: "expected input[2, 14, 8, 8] to have 16 channels"
+    assert out.down.out_channels == 8  # the skip crosses the untraceable UpCat: kept
+
+
+class Unit(nn.Module):
+    """MONAI ResidualUnit: the branch is its own Sequential, the add is in the unit's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))  # fmt: skip
+        self.residual = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x) + self.residual(x)
+
+
+def test_a_zero_branch_whose_add_is_one_level_up_is_removed() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Unit(), Unit(), nn.Conv2d(8, 2, 1)).eval()
+    with torch.no_grad():
+        for i in (0, 3):
+            model[1].conv[i].weight.zero_()
+            model[1].conv[i].bias.zero_()
+        model[1].conv[4].running_mean.uniform_(-1, 1)
+    info = compact_with_info(model, torch.randn(2, 3, 8, 8), measure=False, align=1)
+    assert [d["module"] for d in info.depth] == ["1"] and not info.notes
+    assert analyze(model).depth_branches == [["1.conv.0", "1.conv.3"], ["2.conv.0", "2.conv.3"]]
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(info.model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Norms(nn.Module):
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = {
+            "instance": nn.InstanceNorm2d(16, affine=True),
+            "instance-plain": nn.InstanceNorm2d(16),
+            "group": nn.GroupNorm(4, 16),
+        }[norm]
+        self.conv2 = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(F.relu(self.norm(self.conv1(x))))
+
+
+@pytest.mark.parametrize("norm", ["instance", "instance-plain", "group"])
+def test_instance_and_group_norm_pass_channels_through(norm: str) -> None:
+    torch.manual_seed(3)
+    model = Norms(norm).eval()
+    zero_filters(model.conv1, [0, 1, 2, 3, 5, 9])  # group 0 whole; 5 and 9 alone in theirs
+    with torch.no_grad():
+        if hasattr(model.norm, "weight") and model.norm.weight is not None:
+            model.norm.weight.uniform_(0.5, 1.5)
+            model.norm.bias.uniform_(-1, 1)
+    out = check(model, torch.randn(2, 3, 8, 8))
+    if norm == "group":  # only the whole group goes; a GroupNorm of 3 groups of 4
+        assert out.conv1.out_channels == 12 and (out.norm.num_groups, out.norm.num_channels) == (3, 12)
+    else:
+        assert out.conv1.out_channels == 10 and out.norm.num_features == 10
+
+
+def test_conv_transpose_produces_and_consumes_channels() -> None:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1,
+                          output_padding=1), nn.ReLU(), nn.Conv2d(6, 2, 3, padding=1)).eval()  # fmt: skip
+    zero_filters(model[0], [1, 6])  # relu(0) = 0 into the transposed conv: removable
+    zero_filters(model[2], [0, 4])  # its output channels: constants folded into the last conv
+    with torch.no_grad():
+        model[2].bias[4] = 0.7  # a nonzero constant
+    out = check(model, torch.randn(2, 3, 8, 8))
+    assert out[0].out_channels == 6 and out[2].in_channels == 6 and out[2].out_channels == 4
+    assert out[4].conv.in_channels == 4  # a PaddedFoldConv2d: the constant 0.7 behind zero padding
+
+
+def test_string_paddings_compact_like_numbers() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same"), nn.ReLU(), nn.Conv2d(8, 8, 3, padding="valid"),
+                          nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[:, 1] = 0  # shape-wise zeros: CompactConv2d needs numeric padding
+        model[2].weight[:, :, 0] = 0
+    info = compact_with_info(model, torch.randn(2, 3, 8, 8), measure=False, align=1)
+    assert set(info.replaced) == {"0", "2"}
+    assert info.model[0].padding == (1, 1) and model[0].padding == "same"  # the original is untouched
+
+
+class Standardized(nn.Conv2d):
+    """BiT's weight standardisation: the effective weight is not ``.weight``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Renamed(nn.Conv2d):
+    """Only a constructor (transformers' EfficientNetDepthwiseConv2d): a plain conv."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1)
+
+
+def test_conv_subclasses_plain_ones_are_convs_own_forward_ones_get_no_groups() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(Renamed(3, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          Standardized(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))  # fmt: skip
+    with pytest.warns(UserWarning, match=r"no groups for 4 \(Standardized\)"):
+        groups = build_groups(model, {"filter": 1.0, "shape": 1.0})
+    assert {g.name for g in groups} == {"0:filter", "0:shape", "2:filter", "2:shape", "6:shape"}
+    zero_filters(model[0], [2, 5])  # read by a plain conv: removed
+    zero_filters(model[2], [1])  # read by the standardised conv, whose statistics span every input: kept
+    with pytest.warns(UserWarning, match=r"4 is a Standardized .* left dense"):
+        out = check(model.eval(), torch.randn(2, 3, 8, 8))
+    assert isinstance(out[0], Renamed) and out[0].out_channels == 6 and out[2].in_channels == 6
+    assert out[2].out_channels == 8 and isinstance(out[4], Standardized) and out[4].in_channels == 8
