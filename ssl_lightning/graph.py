@@ -11,17 +11,25 @@ The result tells :mod:`ssl_lightning.groups` which slices of which tensors form 
 group, and which residual branches form one depth group.
 
 Models that ``torch.fx`` cannot trace as a whole (data-dependent control flow, ``int(proxy)``, input checks —
-e.g. every transformers vision model) are analysed piecewise: a submodule whose own ``forward`` does not
-trace becomes an opaque call in its parent's graph (the channels crossing it stay whole), and its children
-are analysed on their own, recursively, so everything below the untraceable code is still followed. Each
-piece that could not be traced is reported by module name with the tracer's reason
-(:attr:`GraphAnalysis.untraced`). Optional arguments of a piece traced on its own keep their default values
-(``return_dict=True`` etc.), as in its parent's call.
+e.g. every transformers vision model):
+
+* with example inputs, the module's graph is *recorded from a real run* instead (every torch function,
+  Tensor method and leaf module call on the way, through ``TorchFunctionMode`` and module hooks; Python
+  control flow is the path the run took), and every fx graph is checked against that run, since a trace
+  can be silently wrong (MONAI's ``UpCat`` drops its skip input under fx). :attr:`GraphAnalysis.recorded`
+  names the modules analysed from a run, with fx's reason;
+* without inputs (or where a run cannot be recorded) the model is analysed piecewise: a submodule whose
+  own ``forward`` does not trace becomes an opaque call in its parent's graph (the channels crossing it
+  stay whole) and its children are analysed on their own, recursively. Each such module is reported by
+  name with the tracer's reason (:attr:`GraphAnalysis.untraced`).
+
+Optional arguments of a piece traced on its own keep their default values (``return_dict=True`` etc.).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 from collections.abc import Callable, Sequence
@@ -32,6 +40,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs", "own_forward"]
@@ -108,6 +117,7 @@ class GraphAnalysis:
     unsupported: list[str]  # human-readable notes on what blocked analysis
     multi_called: set[str] = field(default_factory=set)  # modules called more than once (shared weights)
     untraced: dict[str, str] = field(default_factory=dict)  # module name ("" = the model) -> why fx failed
+    recorded: dict[str, str] = field(default_factory=dict)  # analysed from a recorded run instead -> why
 
 
 class _Analyzer:
@@ -506,6 +516,7 @@ class _Piece:
     gm: fx.GraphModule | None
     leaves: frozenset[str]  # relative names of opaque descendants
     reason: str  # why this module's own forward could not be traced ("" when it could)
+    recorded: bool = False  # the graph was recorded from a real run (torch.fx failed)
 
 
 Call = tuple[tuple[Any, ...], dict[str, Any], Any]  # (args, kwargs, output) of a module's first call
@@ -550,8 +561,16 @@ def _piece(module: nn.Module, memo: dict[int, _Piece], calls: dict[int, Call]) -
     call = calls.get(id(module))
     try:
         piece = _Piece(_checked_trace(module, frozenset(), call), frozenset(), "")
-    except Exception as err:  # any tracer failure: fall back to the children
+    except Exception as err:  # any tracer failure: a recorded run, else fall back to the children
         reason = f"{type(err).__name__}: {err}".split("\n")[0]
+        if call is not None:
+            try:
+                piece = _Piece(_recorded_graph(module, call), frozenset(), reason, recorded=True)
+            except Exception as rec_err:  # anything the run cannot record: fall back to the children
+                reason += f"; recording a run failed too ({type(rec_err).__name__}: {rec_err})".split("\n")[0]
+            else:
+                memo[id(module)] = piece
+                return piece
         leaves: set[str] = set()
         for name, child in module.named_children():
             sub = _piece(child, memo, calls)
@@ -565,6 +584,96 @@ def _piece(module: nn.Module, memo: dict[int, _Piece], calls: dict[int, Call]) -
                 piece = _Piece(_checked_trace(module, frozenset(leaves), call), frozenset(leaves), "")
     memo[id(module)] = piece
     return piece
+
+
+class _Recorder(TorchFunctionMode):
+    """Builds an fx graph from one real run of a module: every torch function / Tensor method whose result
+    holds tensors becomes a node (``call_function`` / ``call_method``, as torch.fx would write it), every leaf
+    submodule (what :class:`_Tracer` keeps whole) a ``call_module`` node, parameters ``get_attr`` nodes.
+    Python control flow is simply the path this run took."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self.graph = fx.Graph()
+        self.nodes: dict[int, fx.Node] = {}  # id(tensor) -> the node that produced it
+        self.alive: list[Tensor] = []  # keeps recorded tensors alive, so their ids are not reused
+        self.attrs = {id(t): n for n, t in [*root.named_parameters(), *root.named_buffers()]}
+        self.inside = 0  # > 0 while a leaf module runs: its own ops are not recorded
+
+    def arg(self, a: Any) -> Any:
+        if isinstance(a, Tensor):
+            if id(a) in self.nodes:
+                return self.nodes[id(a)]
+            if id(a) in self.attrs:
+                node = self.nodes[id(a)] = self.graph.get_attr(self.attrs[id(a)])
+                self.alive.append(a)
+                return node
+            return None  # a tensor from outside the run (a constant): no channels to follow
+        if isinstance(a, list | tuple):
+            return type(a)(self.arg(x) for x in a) if not hasattr(a, "_fields") else None
+        if isinstance(a, dict):
+            return {k: self.arg(v) for k, v in a.items()}
+        return a if isinstance(a, int | float | bool | str | type(None) | slice | torch.dtype) else None
+
+    def bind(self, out: Any, node: fx.Node) -> None:
+        leaves = tree_flatten(out)[0]
+        tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, Tensor)]
+        if isinstance(out, Tensor):
+            self.nodes[id(out)] = node
+            self.alive.append(out)
+            return
+        for i, t in tensors:
+            self.nodes[id(t)] = self.graph.call_function(operator.getitem, (node, i))
+            self.alive.append(t)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.inside or not any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
+            return out
+        objclass = getattr(func, "__objclass__", None)
+        if objclass is not None and issubclass(torch.Tensor, objclass):  # a Tensor method: x.add(y), x.view(...)
+            node = self.graph.call_method(func.__name__, self.arg(tuple(args)), self.arg(kwargs))
+        else:
+            node = self.graph.call_function(func, self.arg(tuple(args)), self.arg(kwargs))
+        self.bind(out, node)
+        return out
+
+
+def _recorded_graph(module: nn.Module, call: Call) -> fx.GraphModule:
+    args, kwargs, _ = call
+    rec = _Recorder(module)
+    tracer = _Tracer()
+    for i, a in enumerate(tree_flatten((args, kwargs))[0]):
+        if isinstance(a, Tensor):
+            rec.nodes[id(a)] = rec.graph.placeholder(f"input_{i}")
+            rec.alive.append(a)
+    pending: dict[int, tuple[Any, Any]] = {}
+
+    def pre(m: nn.Module, a: tuple[Any, ...], k: dict[str, Any]) -> None:
+        if not rec.inside:
+            pending[id(m)] = (rec.arg(a), rec.arg(k))
+        rec.inside += 1
+
+    def post(m: nn.Module, _a: Any, _k: Any, out: Any, name: str = "") -> None:
+        rec.inside -= 1
+        if not rec.inside:
+            margs, mkwargs = pending.pop(id(m))
+            rec.bind(out, rec.graph.call_module(name, margs, mkwargs))
+
+    hooks = []
+    for name, m in module.named_modules():
+        if name and tracer.is_leaf_module(m, name):
+            hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(m.register_forward_hook(functools.partial(post, name=name), with_kwargs=True))
+    try:
+        with torch.no_grad(), rec:
+            out = module(*args, **kwargs)
+        rec.graph.output(rec.arg(out if isinstance(out, Tensor) else tuple(tree_flatten(out)[0])))
+    finally:
+        for h in hooks:
+            h.remove()
+    return fx.GraphModule(module, rec.graph)
 
 
 def _record_calls(model: nn.Module, example_inputs: tuple[Tensor, ...]) -> dict[int, Call]:
@@ -615,6 +724,7 @@ def _prefixed(a: GraphAnalysis, prefix: str) -> GraphAnalysis:
     return GraphAnalysis(
         spaces, [[q(n) for n in b] for b in a.depth_branches], {q(n) for n in a.terminal_modules},
         list(a.unsupported), {q(n) for n in a.multi_called}, {q(n): r for n, r in a.untraced.items()},
+        {q(n): r for n, r in a.recorded.items()},
     )  # fmt: skip
 
 
@@ -625,7 +735,10 @@ def _analyze_tree(
         return
     piece = _piece(module, memo, calls)
     if piece.gm is not None:
-        out.append(_prefixed(_Analyzer(piece.gm, prefix, piece.leaves).run(), prefix))
+        part = _prefixed(_Analyzer(piece.gm, prefix, piece.leaves).run(), prefix)
+        if piece.recorded:
+            part.recorded[prefix] = piece.reason
+        out.append(part)
         inner = sorted(piece.leaves)
     else:
         out.append(GraphAnalysis([], [], set(), [], untraced={prefix: piece.reason}))
@@ -669,6 +782,7 @@ def analyze(model: nn.Module, example_inputs: Sequence[Tensor] | None = None, *,
         merged.unsupported += part.unsupported
         merged.multi_called |= part.multi_called
         merged.untraced.update(part.untraced)
+        merged.recorded.update(part.recorded)
     # Only the whole model's graph says which layers produce its outputs; when untraceable code hides them,
     # the last registered weight layer is taken as the output layer (its filters get no groups).
     merged.terminal_modules = set(parts[0].terminal_modules) if root_traced else set()

@@ -4,6 +4,8 @@ InstanceNorm / GroupNorm / ConvTranspose2d, string paddings and Conv2d subclasse
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -73,22 +75,25 @@ class Untraceable(nn.Module):
         return {"logits": y} if return_dict else y
 
 
-def test_a_model_fx_cannot_trace_is_analysed_piecewise_and_still_compacted() -> None:
+def test_a_model_fx_cannot_trace_is_analysed_piecewise_or_from_a_recorded_run() -> None:
     torch.manual_seed(0)
     model = Untraceable().eval()
     zero_filters(model.body.conv1, [1, 4, 9])
-    zero_filters(model.stem.conv, [2])  # crosses the untraceable stem: must stay
+    zero_filters(model.stem.conv, [2])  # crosses the stem's input check
     x = torch.randn(2, 3, 8, 8)
-    analysis = analyze(model, (x,))
-    assert set(analysis.untraced) == {"", "stem"}  # the model's own forward and the stem's
-    assert "control flow" in analysis.untraced[""] and "control flow" in analysis.untraced["stem"]
-    assert any("stem is not traceable" in n for n in analysis.unsupported)
-    with pytest.warns(UserWarning, match=r"Untraceable is not traceable by torch.fx"):
-        out = compact_with_info(model, x, measure=False, align=1)
+    piecewise = analyze(model)  # no inputs: fx on every piece it can trace, the rest reported by name
+    assert set(piecewise.untraced) == {"", "stem"} and not piecewise.recorded
+    assert "control flow" in piecewise.untraced[""] and "control flow" in piecewise.untraced["stem"]
+    assert any("stem is not traceable" in n for n in piecewise.unsupported)
+    producers = {p for sp in piecewise.spaces for p in sp.producers if not sp.blocked}
+    assert producers == {"body.conv1"}  # the stem's output crosses untraced code: blocked
+    recorded = analyze(model, (x,))  # with inputs: the real run's graph, control flow as it ran
+    assert set(recorded.recorded) == {""} and not recorded.untraced
+    out = compact_with_info(model, x, measure=False, align=1)
     with torch.no_grad():
         torch.testing.assert_close(out.model(x)["logits"], model(x)["logits"], rtol=1e-5, atol=1e-5)
     assert out.model.body.conv1.out_channels == 13 and out.model.body.bn1.num_features == 13
-    assert out.model.stem.conv.out_channels == 8  # its channels cross code the analysis cannot see
+    assert out.model.stem.conv.out_channels == 7 and out.model.body.conv1.in_channels == 7
 
 
 class Wrapper(pl.LightningModule):
@@ -116,20 +121,22 @@ class Wrapper(pl.LightningModule):
 
 def test_coupled_groups_on_the_network_inside_an_untraceable_lightning_module() -> None:
     module = Wrapper()
-    with pytest.warns(UserWarning, match="stay uncoupled"):
+    with pytest.warns(UserWarning, match="stay uncoupled"):  # no inputs: the wrapper's forward is not analysed
         groups = build_groups(module, {"filter": 1.0}, couple=True)
     first = next(g for g in groups if g.modules == ("net.0",))
-    assert {m.name for m in first.members} == {"net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias",
-                                               "net.3.weight"}  # fmt: skip
+    members = {"net.0.weight", "net.0.bias", "net.1.weight", "net.1.bias", "net.3.weight"}
+    assert {m.name for m in first.members} == members  # the network inside is
     from torch.utils.data import DataLoader, TensorDataset
 
     data = DataLoader(TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 2, (12,))), batch_size=4)
     cb = StructuredSparsity({"filter": 1e-3}, couple=True)
     trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    with pytest.warns(UserWarning, match="stay uncoupled"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stay uncoupled")  # example_input_array: a recorded run
         trainer.fit(module, data)
-    assert trainer.global_step == 3 and any(len(g.members) > 2 for g in cb.groups)
+    assert trainer.global_step == 3
+    assert {m.name for m in next(g for g in cb.groups if g.modules == ("net.0",)).members} == members
 
 
 class SkipUp(nn.Module):
@@ -166,11 +173,11 @@ def test_a_silently_wrong_trace_is_caught_against_a_real_run() -> None:
     zero_filters(model.down, [0, 3])
     x = torch.randn(2, 3, 8, 8)
     analysis = analyze(model, (x,))
-    assert "traced graph" in analysis.untraced.get("upcat", "")
+    assert "computes something else" in analysis.recorded[""]  # the whole model: the real run's graph is used
     wrong = analyze(model)  # without inputs the wrong graph cannot be told apart
-    assert "upcat" not in wrong.untraced
+    assert not wrong.untraced and not wrong.recorded
     out = check(model, x)  # used to crash: "expected input[2, 14, 8, 8] to have 16 channels"
-    assert out.down.out_channels == 8  # the skip crosses the untraceable UpCat: kept
+    assert out.down.out_channels == 6 and out.upcat.conv.in_channels == 14  # through the skip concatenation
 
 
 class Unit(nn.Module):

@@ -8,6 +8,8 @@ the library's default configuration (ResNet-18/50 etc. at full width) for the be
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -133,12 +135,14 @@ ZOO: dict[str, Builder] = {
 
 
 def zero_structure(model: nn.Module, seed: int = 0, couple: bool = False, kept: float = 0.6) -> None:
-    """Zero a random ``1 - kept`` of the filters (coupled with their BN channels and consumers' inputs when
-    ``couple``) and of the filter-shape columns of every conv, in place."""
-    try:
-        groups = build_groups(model, {"filter": 1.0, "shape": 1.0}, couple=couple)
-    except ValueError:  # no layer takes groups (BiT: every conv standardises its weight)
-        return
+    """Zero a random ``1 - kept`` of the filters and hidden Linear neurons (coupled with their BN channels and
+    consumers' inputs when ``couple``) and of the filter-shape columns of every conv, in place."""
+    groups = []
+    for kind in ("filter", "shape", "neuron_out"):  # each type where the model has layers for it
+        # no layer may take a type (BiT: every conv standardises its weight; a CNN without hidden Linear)
+        with contextlib.suppress(ValueError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "stay uncoupled" / "no groups for" are expected here
+            groups += build_groups(model, {kind: 1.0}, couple=couple)
     g = torch.Generator().manual_seed(seed)
     keeps = []
     for grp in groups:
