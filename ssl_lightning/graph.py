@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs", "own_forward"]
+__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs", "own_forward", "trace_module"]
 
 # Modules and functions that keep dim 1 channel-for-channel.
 _PASS_MODULES: tuple[type[nn.Module], ...] = (
@@ -503,6 +503,17 @@ def _defaults(module: nn.Module) -> dict[str, object]:
         for p in params
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and isinstance(p.default, plain)
     }
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace with the analysis' leaves (plain Conv2d / Linear subclasses and compacted layers stay
+    calls, so module names in the graph match the analysis); children whose own code does not trace become
+    calls too (deterministic: the same module gives the same graph). Raises ``RuntimeError`` when the module's
+    own forward does not trace."""
+    piece = _piece(module, {}, {})
+    if piece.gm is None or piece.recorded:
+        raise RuntimeError(piece.reason)
+    return piece.gm
 
 
 def _trace(module: nn.Module, leaves: frozenset[str]) -> fx.GraphModule:

@@ -380,6 +380,9 @@ class CompactionReport:
     ms: float
     ms_compact: float
     device: str
+    # every saved tensor (parameters + buffers: BN statistics, folded constants, index maps), in elements
+    stored: int = 0
+    stored_compact: int = 0
 
     @property
     def speedup(self) -> float:
@@ -394,6 +397,7 @@ class CompactionReport:
             f"{prefix}/latency_ms": self.ms_compact,
             f"{prefix}/latency_ms_dense": self.ms,
             f"{prefix}/speedup": self.speedup,
+            f"{prefix}/stored_fraction": self.stored_compact / self.stored if self.stored else float("nan"),
         }
         for s in self.layers:
             out[f"{prefix}/{s.name}/macs_fraction"] = s.macs_compact / s.macs if s.macs else float("nan")
@@ -406,7 +410,8 @@ class CompactionReport:
             "layers": [asdict(s) | {"speedup": s.speedup} for s in self.layers],
             "params": self.params, "params_compact": self.params_compact, "macs": self.macs,
             "macs_compact": self.macs_compact, "ms": self.ms, "ms_compact": self.ms_compact,
-            "speedup": self.speedup, "device": self.device,
+            "speedup": self.speedup, "device": self.device, "stored": self.stored,
+            "stored_compact": self.stored_compact,
         }  # fmt: skip
 
     def to_markdown(self) -> str:
@@ -426,6 +431,9 @@ class CompactionReport:
             f"| **model** | | {self.params_compact:,} / {self.params:,} | {_ratio(self.macs_compact, self.macs)} | "
             f"{self.ms_compact:.3f} / {self.ms:.3f} | {self.speedup:.2f}x |"
         )
+        if self.stored:
+            lines += ["", f"Stored (parameters + buffers, what a checkpoint holds): {self.stored_compact:,} / "
+                          f"{self.stored:,} elements ({_ratio(self.stored_compact, self.stored)})."]  # fmt: skip
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -502,5 +510,9 @@ def compaction_report(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return CompactionReport(
         rows, sum(p.numel() for p in original.parameters()), sum(p.numel() for p in compacted.parameters()),
-        macs, macs_b, ms, ms_b, name,
+        macs, macs_b, ms, ms_b, name, _stored(original), _stored(compacted),
     )  # fmt: skip
+
+
+def _stored(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.state_dict().values() if isinstance(t, Tensor))

@@ -87,8 +87,9 @@ def test_conv_bn_chain_removes_coupled_channels_and_folds_into_linear() -> None:
     assert out.conv1.out_channels == 11 and out.bn1.num_features == 11 and out.fc.in_features == 28
     # Channel 6's constant ReLU(0.7) sits behind conv2's zero padding: folded as a per-position map.
     assert isinstance(out.conv2, PaddedFoldConv2d) and out.conv2.conv.in_channels == 11
-    assert out.conv2.border.shape == (28, 16, 16) and info.channels.padded["conv2"] == {"removed": 1, "size": [16, 16]}
-    border = out.conv2.border
+    assert out.conv2.fold_taps.shape == (28, 3, 3) and info.channels.padded["conv2"] == {"removed": 1, "size": [16, 16]}
+    assert [k for k in out.conv2.state_dict() if not k.startswith("conv.")] == ["fold_taps"]  # no [out, H, W] map
+    border = out.conv2.border(16, 16, 16, 16)
     assert not torch.allclose(border[:, 0, 0], border[:, 8, 8])  # corners see fewer taps than the interior
     assert info.channels.folds == ["fc"]
     with torch.no_grad():  # another input size recomputes the map
@@ -538,3 +539,24 @@ def test_plan_naming_a_non_lrn_module_as_sparse_lrn_is_rejected() -> None:
     plan = ChannelPlan(out_keep={"conv2": [0, 1]}, sparse_lrn={"conv2": 6})
     with pytest.raises(ValueError, match=r"makes 'conv2' a SparseChannelLRN, but it is Conv2d"):
         apply_channel_plan(ConvPoolLRN(), plan)
+
+
+def test_padded_fold_state_dicts_of_the_earlier_format_still_load() -> None:
+    """Compacted checkpoints saved with the per-position map (fold_weight, fold_value, border) load into the
+    taps-only layer and give the same outputs."""
+    torch.manual_seed(12)
+    conv = nn.Conv2d(5, 6, 3, padding=1, stride=2)
+    fw, fv = torch.randn(6, 2, 3, 3), torch.tensor([0.7, -1.3])  # two removed constant channels
+    old = {f"conv.{k}": v for k, v in conv.state_dict().items()}
+    x = torch.randn(2, 5, 9, 7)
+    image = fv.view(1, 2, 1, 1).expand(1, 2, 9, 7)
+    full = torch.cat([x, image.expand(2, 2, 9, 7)], 1)  # what the dense conv saw
+    dense = nn.Conv2d(7, 6, 3, padding=1, stride=2)
+    with torch.no_grad():
+        dense.weight.copy_(torch.cat([conv.weight, fw], 1))
+        dense.bias.copy_(conv.bias)
+    old |= {"fold_weight": fw, "fold_value": fv, "border": F.conv2d(image, fw, None, 2, 1)[0]}
+    layer = PaddedFoldConv2d(nn.Conv2d(5, 6, 3, padding=1, stride=2), torch.zeros(6, 3, 3))
+    layer.load_state_dict(old)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(full), rtol=1e-5, atol=1e-5)

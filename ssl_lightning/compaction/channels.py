@@ -40,35 +40,46 @@ __all__ = ["ChannelPlan", "PaddedFoldConv2d", "SparseChannelLRN", "apply_channel
 class PaddedFoldConv2d(nn.Module):
     """``conv(x)`` plus what removed constant input channels contributed behind zero padding.
 
-    A constant channel value v reaches output (i, j) only through the taps that fall inside the input, so its
-    contribution is a map [out, Ho, Wo], not a bias. ``border`` holds that map for the input size seen at
-    compaction (saved with the state_dict); another input size recomputes it from ``fold_weight`` [out, R, kh,
-    kw] and ``fold_value`` [R] (one small conv of a constant image).
+    A constant channel value v_r reaches output (y, x) only through the kernel taps (i, j) that fall inside the
+    input, so its contribution is a map, not a bias: ``Σ_ij taps[o, i, j]·inside_row(y, i)·inside_col(x, j)``
+    with ``taps[o] = Σ_r v_r·W[o, r]``. Only ``fold_taps`` [out, kh, kw] is stored (the removed channels'
+    kernels weighted by their constants: the size of one input channel's weights); the [out, Ho, Wo] map is
+    rebuilt for the input size at each call from two 0/1 matrices (about out·Ho·Wo·kh MACs, a small fraction
+    of the conv). State dicts of the earlier format (``fold_weight``, ``fold_value``, ``border``) still load.
     """
 
-    fold_weight: Tensor
-    fold_value: Tensor
-    border: Tensor
+    fold_taps: Tensor
 
-    def __init__(self, conv: nn.Module, fold_weight: Tensor, fold_value: Tensor, size: Sequence[int]) -> None:
+    def __init__(self, conv: nn.Module, fold_taps: Tensor) -> None:
         super().__init__()
         self.conv = conv
         self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)  # type: ignore[arg-type]
         self.dilation = tuple(conv.dilation)  # type: ignore[arg-type]
-        self.register_buffer("fold_weight", fold_weight.detach().clone())
-        self.register_buffer("fold_value", fold_value.detach().clone())
-        self.register_buffer("border", self._border(int(size[0]), int(size[1])))
+        self.register_buffer("fold_taps", fold_taps.detach().clone())
 
-    def _border(self, h: int, w: int) -> Tensor:
-        r = self.fold_value.numel()
-        image = self.fold_value.view(1, r, 1, 1).to(self.fold_weight.dtype).expand(1, r, h, w)
-        return F.conv2d(image, self.fold_weight, None, self.stride, self.padding, self.dilation)[0]
+    @staticmethod
+    def _inside(size: int, out: int, k: int, s: int, p: int, d: int, like: Tensor) -> Tensor:
+        """[out, k] 1.0 where tap i of output position y reads inside the input (y·s − p + i·d in [0, size))."""
+        pos = torch.arange(out, device=like.device)[:, None] * s - p + torch.arange(k, device=like.device) * d
+        return ((pos >= 0) & (pos < size)).to(like.dtype)
+
+    def border(self, h: int, w: int, ho: int, wo: int) -> Tensor:
+        """The removed constants' contribution [out, ho, wo] for an [h, w] input."""
+        taps = self.fold_taps
+        rows = self._inside(h, ho, taps.shape[1], self.stride[0], self.padding[0], self.dilation[0], taps)
+        cols = self._inside(w, wo, taps.shape[2], self.stride[1], self.padding[1], self.dilation[1], taps)
+        return torch.einsum("yi,oij,xj->oyx", rows, taps, cols)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
-        if y.shape[-2:] == self.border.shape[-2:]:
-            return y + self.border.to(y.dtype)
-        return y + self._border(x.shape[-2], x.shape[-1]).to(y.dtype)  # other input size: recompute
+        return y + self.border(x.shape[-2], x.shape[-1], y.shape[-2], y.shape[-1]).to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        fw, fv = state_dict.pop(prefix + "fold_weight", None), state_dict.pop(prefix + "fold_value", None)
+        state_dict.pop(prefix + "border", None)  # the earlier format's saved map: rebuilt from the taps
+        if fw is not None and fv is not None and prefix + "fold_taps" not in state_dict:
+            state_dict[prefix + "fold_taps"] = torch.einsum("orij,r->oij", fw, fv.to(fw.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @dataclass
@@ -474,19 +485,19 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 setattr(owner, attr, _param(sliced, buf) if isinstance(buf, nn.Parameter) else sliced)
         for name, keep_list in plan.in_keep.items():
             _slice_in(name, modules[name], torch.tensor(keep_list, dtype=torch.long))
-        for name, spec in plan.padded.items():
+        for name in plan.padded:
             conv = modules[name]
             if not isinstance(conv, nn.Conv2d):
                 raise ValueError(f"channel plan folds padded constants into {name!r}, a {type(conv).__name__}")
             fw = (corrections or {}).get(f"{name}#fold_weight")
             fv = (corrections or {}).get(f"{name}#fold_value")
             if fw is None or fv is None:  # rebuilding the structure: values come from the state_dict
-                fw = conv.weight.new_zeros(conv.out_channels, int(spec["removed"]), *conv.kernel_size)
-                fv = conv.weight.new_zeros(int(spec["removed"]))
-            elif name in plan.out_keep:  # the consumer lost output rows too
-                fw = fw[torch.tensor(plan.out_keep[name], dtype=torch.long)]
-            fw, fv = fw.to(conv.weight), fv.to(conv.weight)  # model's device and dtype
-            model.set_submodule(name, PaddedFoldConv2d(conv, fw, fv, spec["size"]))
+                taps = conv.weight.new_zeros(conv.out_channels, *conv.kernel_size)
+            else:
+                if name in plan.out_keep:  # the consumer lost output rows too
+                    fw = fw[torch.tensor(plan.out_keep[name], dtype=torch.long)]
+                taps = torch.einsum("orij,r->oij", fw.double(), fv.double()).to(conv.weight)
+            model.set_submodule(name, PaddedFoldConv2d(conv, taps))
 
 
 def _buffer(model: nn.Module, name: str) -> object:

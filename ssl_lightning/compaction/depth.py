@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ssl_lightning.graph import analyze
+from ssl_lightning.graph import analyze, trace_module
 
 __all__ = ["apply_depth_plan", "plan_and_remove_depth"]
 
@@ -53,8 +53,9 @@ def _find_add(gm: fx.GraphModule, branch: set[str]) -> tuple[fx.Node, int] | Non
         s: set[str] = set()
         for inp in node.all_input_nodes:
             s |= anc[inp]
-        if node.op == "call_module":
+        if node.op == "call_module":  # a leaf holding branch modules (its own code untraceable) counts for them
             s.add(str(node.target))
+            s.update(b for b in branch if b.startswith(f"{node.target}."))
         anc[node] = frozenset(s)
         if node.op in ("call_function", "call_method") and node.target in _ADD_TARGETS and len(node.args) >= 2:
             a, b = node.args[0], node.args[1]
@@ -69,7 +70,7 @@ def _find_add(gm: fx.GraphModule, branch: set[str]) -> tuple[fx.Node, int] | Non
 
 
 def _rewrite(sub: nn.Module, add_name: str, operand: int, const: Tensor, buffer: str) -> fx.GraphModule:
-    gm = fx.symbolic_trace(sub)
+    gm = trace_module(sub)
     nodes = {n.name: n for n in gm.graph.nodes}
     if add_name not in nodes:
         raise ValueError(f"depth plan names node {add_name!r}, which the traced module does not have")
@@ -139,7 +140,7 @@ def _enclosing_block(
             return None, f"zero branch {list(branch)}: {prefix} already has a branch removed; kept"
         sub = model.get_submodule(prefix)
         try:
-            gm = fx.symbolic_trace(sub)
+            gm = trace_module(sub)
         except Exception as err:  # not traceable at this level: try the parent
             last = f"zero branch in {prefix}: not traceable ({type(err).__name__}: {err}); kept"
             continue
