@@ -294,3 +294,48 @@ def test_conv_subclasses_plain_ones_are_convs_own_forward_ones_get_no_groups() -
         out = check(model.eval(), torch.randn(2, 3, 8, 8))
     assert isinstance(out[0], Renamed) and out[0].out_channels == 6 and out[2].in_channels == 6
     assert out[2].out_channels == 8 and isinstance(out[4], Standardized) and out[4].in_channels == 8
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class SkipAddUNet(nn.Module):
+    """SegResNet-style: the decoder adds the encoder feature, a "branch" of whole residual blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), ResBlock(8), ResBlock(8))
+        self.up = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Upsample(scale_factor=2))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = self.stem(x)
+        return self.head(self.up(self.down(skip)) + skip)
+
+
+def test_unet_skip_additions_are_not_depth_branches() -> None:
+    analysis = analyze(SkipAddUNet())
+    assert analysis.depth_branches == [["down.1.conv1", "down.1.conv2"], ["down.2.conv1", "down.2.conv2"]]
+    assert any("skip addition over down.0..up.0 holds residual blocks" in n for n in analysis.unsupported)
+
+
+def test_a_compacted_model_that_fails_to_run_is_a_labelled_compaction_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_lightning.compaction.stages as stages
+    from ssl_lightning.compaction import CompactionError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    zero_filters(model[0], [1, 2])
+
+    def broken(new: nn.Module, plan: object, corrections: object = None) -> None:
+        new[2].weight = nn.Parameter(new[2].weight[:, :5].clone())  # a plan that no longer fits the graph
+
+    monkeypatch.setattr(stages, "apply_channel_plan", broken)
+    with pytest.raises(CompactionError, match=r"the compacted model fails on an input of the example's shape"):
+        compact_with_info(model, torch.randn(2, 3, 8, 8), measure=False, align=1)

@@ -173,7 +173,10 @@ def compact_with_info(
                 )
         convs = {n: m for n, m in convs.items() if _plain(m) and shapes}
         linears = {n: m for n, m in new.named_modules() if isinstance(m, nn.Linear) and _plain(m) and shapes}
-        captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
+        try:
+            captured = capture_inputs(new, [*convs, *linears], [inputs], _run)  # the input each layer sees
+        except Exception as err:
+            raise _misread(err) from err
         seen = {n: xs[0] for n, xs in captured.items() if xs}
         result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
         for name, conv in convs.items():
@@ -203,6 +206,14 @@ def compact_with_info(
         return result
     finally:
         original.train(was_training)  # also when compaction fails: the caller's model keeps its mode
+
+
+def _misread(err: Exception) -> CompactionError:
+    """A compacted model that does not run: a graph the analysis misread; say so instead of a bare shape error."""
+    return CompactionError(
+        f"the compacted model fails on an input of the example's shape ({type(err).__name__}: {err}); the "
+        "channel analysis misread this model: compact with channels=False, and please report it"
+    )
 
 
 def _plain(layer: nn.Module) -> bool:
@@ -254,7 +265,11 @@ def _verify(
 ) -> float:
     worst = 0.0
     for trial in _trials(inputs):
-        a, b = _outputs(original, trial), _outputs(new, trial)
+        a = _outputs(original, trial)
+        try:
+            b = _outputs(new, trial)
+        except Exception as run_err:
+            raise _misread(run_err) from run_err
         bad = len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=False))
         for x, y in zip(a, b, strict=False):
             if x.shape != y.shape:
