@@ -1,7 +1,7 @@
 """Compaction on 16 third-party networks at their library's default size (transformers configs, MONAI), with
 random coupled structured zeros: what each loses, what stays dense and why. Needs the ``zoo`` extra.
 
-    python benchmarks/model_zoo.py [--small] [--uncoupled] [--out docs/model_zoo.md] [NAME ...]
+    python benchmarks/model_zoo.py [--small] [--uncoupled] [--out TABLE.md] [NAME ...]
 
 Columns: params / MACs / stored size (parameters + buffers) of the compacted model as a share of the dense one,
 layers that lost channels, zeroed residual branches cut out, how the graph was analysed (fx, or the modules
@@ -49,9 +49,14 @@ def row(name: str, small: bool, couple: bool) -> str:
         how = "recorded: " + ", ".join(n or "(model)" for n in analysis.recorded)
     if analysis.untraced:
         how += ("; " if how else "") + "untraced: " + ", ".join(n or "(model)" for n in analysis.untraced)
-    whole = sorted({s.split(": ", 1)[1].split(" (")[0] for s in info.channels.skipped if ": " in s})
+    whole = sorted(
+        {s.split(": ", 1)[1].split(" (")[0] for s in info.channels.skipped if ": " in s}
+        - {
+            "blocked by model output"  # every network's output layer
+        }
+    )
     dense = [f"{n}" for n in info.notes if "kept" in n][:2]
-    stays = "; ".join(whole[:3] + dense) + (" ..." if len(whole) > 3 else "")
+    stays = "; ".join(whole[:3] + dense) + (" ..." if len(whole) > 3 else "") or "-"
     return (f"| {name} | {p0 / 1e6:.2f} M | {p1 / p0:.1%} | {m1 / m0:.1%} | {stored(info.model) / stored(model):.1%} | "
             f"{len({k for k in info.channels.out_keep})} | {len(info.depth)}/{len(zeroed)} | {how} | "
             f"{info.max_abs_error:.1e} | {seconds:.0f} s | {stays} |")  # fmt: skip
