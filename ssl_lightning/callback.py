@@ -10,6 +10,7 @@ public callback (``StructuredSparsity``, ``ParameterizedPruning``) validates its
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -80,6 +81,31 @@ class SparsityCallback(Callback):
     }
 
     sparsity_method: SparsityMethod
+    _init_args: dict[str, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SparsityCallback:
+        # the constructor's arguments as given (defaults filled in): logged as hyperparameters at fit start
+        obj = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(obj, *args, **kwargs)
+            bound.apply_defaults()
+            obj._init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
+        except TypeError:  # wrong arguments: __init__ reports them
+            obj._init_args = {}
+        return obj
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The callback's class and every constructor argument, as plain values (logged to every logger at fit
+        start under ``log_prefix``)."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, Mapping):
+                return {str(k): plain(x) for k, x in v.items()}
+            if isinstance(v, list | tuple):
+                return [plain(x) for x in v]
+            return v if isinstance(v, int | float | str | bool | type(None)) else str(v)
+
+        return {"callback": type(self).__name__, **{k: plain(v) for k, v in self._init_args.items()}}
 
     def _init_shared(
         self,
@@ -279,6 +305,8 @@ class SparsityCallback(Callback):
                 f"world size {trainer.world_size}) cannot follow: use compact_when='fit_end', then fine-tune the "
                 "compacted model in a new fit"
             )
+        for logger in trainer.loggers:  # loggers write on rank zero only
+            logger.log_hyperparams({self.log_prefix: self.hyperparameters()})
         # optimizers exist, their saved state (on resume) is not loaded yet: give the method's parameters their
         # own groups now, so a resumed optimizer has the same groups as the one that was saved
         if self._owned:

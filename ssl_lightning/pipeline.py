@@ -67,15 +67,57 @@ class RunResult:
         return out
 
 
-def _build(recipe: str, overrides: list[str]) -> LightningCLI:
+def _build(recipe: str, overrides: list[str], root: Path | None = None) -> LightningCLI:
+    """The recipe's objects; ``root``: where the trainer writes logs and checkpoints (the recipe's or the
+    user's own ``--trainer.default_root_dir`` wins)."""
+    first = [f"--trainer.default_root_dir={root}"] if root is not None else []
     return LightningCLI(
         ImageClassifier,
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
         parser_kwargs=STRICT_PARSER,
-        args=["--config", recipe, *overrides],
+        args=["--config", recipe, *first, *overrides],
     )
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as flat ``a/b/c`` keys with plain values (what every logger's hyperparameters take)."""
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
+    if isinstance(d, list | tuple):
+        return {k: v for i, sub in enumerate(d) for k, v in _flat(sub, f"{prefix}{i}/").items()}
+    return {prefix.rstrip("/"): d if isinstance(d, int | float | str | bool | type(None)) else str(d)}
+
+
+def _prepare_loggers(cli: LightningCLI, recipe: str, job: str, group: str) -> None:
+    """One logger run per training: a W&B run of its own in a shared ``group`` with ``job_type`` = job (the
+    baseline and the SSL training are two runs to compare, not one run whose step restarts), and the resolved
+    recipe as hyperparameters in every logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else dict(cli.config)
+    hparams = {"recipe": recipe, "job": job, **_flat({k: v for k, v in config.items() if k != "config"})}
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:  # not started: its init args still apply
+            init = logger._wandb_init
+            init["group"] = init.get("group") or group
+            init["job_type"] = job
+            name = init.get("name") or Path(recipe).stem
+            init["name"] = logger._name = f"{name}-{job}"
+            if job == "baseline":  # a fixed run id belongs to the SSL run; the baseline gets a fresh one
+                init["id"] = logger._id = None
+        logger.log_hyperparams(hparams)
+
+
+def _finish_loggers(trainer: pl.Trainer) -> None:
+    """Close the training's W&B run, so the next training's logger starts a new run instead of reusing it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        logger.save()
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger._experiment.finish()
 
 
 def _out_dir(path: str | Path) -> Path:
@@ -155,19 +197,24 @@ def run(
     overrides = list(overrides or [])
     recipe = resolve_recipe(recipe)
     check_recipe(recipe)
-    if out_dir:
-        _out_dir(out_dir)  # before training: a bad --out must not cost the run
+    root = _out_dir(out_dir) if out_dir else None  # before training: a bad --out must not cost the run
     t0 = time.perf_counter()
+    group = f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     baseline_acc = None
     if baseline:  # same recipe, same seed, without the SSL callback
-        base = _build(recipe, overrides)
+        base = _build(recipe, overrides, root / "baseline" if root else None)
         _ssl_callback(base.trainer, recipe)
         base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+        _prepare_loggers(base, recipe, "baseline", group)
         base.trainer.fit(base.model, datamodule=base.datamodule)
         baseline_acc = _metric(base.trainer, "val_acc", base.datamodule)
-    main = _build(recipe, overrides)
+        _finish_loggers(base.trainer)
+    main = _build(recipe, overrides, root)
+    if root is not None:  # the resolved recipe (overrides applied), as `fit` saves it
+        (root / "config.yaml").write_text(main.parser.dump(main.config, skip_none=False))
     trainer, model, data = main.trainer, main.model, main.datamodule
     ssl = _ssl_callback(trainer, recipe)
+    _prepare_loggers(main, recipe, "ssl", group)
     trainer.fit(model, datamodule=data)
     val_acc = _metric(trainer, "val_acc", data)
     if not isinstance(model, ImageClassifier):

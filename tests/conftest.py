@@ -148,3 +148,23 @@ def read_wandb_history(save_dir: Path, timeout: float = 60.0) -> list[dict[str, 
             if rec.WhichOneof("record_type") == "history":
                 rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return rows
+
+
+def read_wandb_runs(save_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every offline run under ``save_dir``: its name, group, job type and config (flat keys)."""
+    read_wandb_history(save_dir, timeout)  # waits until every log is complete
+    runs = []
+    for path in sorted(glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb"))):
+        run: dict[str, Any] = {"config": {}}
+        for rec in _wandb_records(path)[0]:
+            kind = rec.WhichOneof("record_type")
+            items = []
+            if kind == "run":
+                run.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
+                items = list(rec.run.config.update)
+            elif kind == "config":
+                items = list(rec.config.update)
+            for i in items:
+                run["config"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+        runs.append(run)
+    return runs

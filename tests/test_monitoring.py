@@ -38,3 +38,15 @@ def test_the_prune_boundary_warns_when_nothing_or_a_whole_layer_is_pruned(tmp_pa
     strong = StructuredSparsity({"element": 50.0}, phases=PHASES, include=["net.conv2"])
     with pytest.warns(UserWarning, match=r"every weight of net.conv2 was pruned"):
         trainer(tmp_path, max_epochs=4, callbacks=[strong]).fit(Module(), loader())
+
+
+def test_the_callback_arguments_are_hyperparameters_of_every_logger(tmp_path: Path) -> None:
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    ssl = StructuredSparsity({"filter": 0.3}, phases=PHASES, couple=True, include=["net.conv1"])
+    csv = CSVLogger(tmp_path / "csv")
+    trainer(tmp_path, max_epochs=1, callbacks=[ssl], logger=[csv]).fit(Module(), loader())
+    saved = yaml.safe_load(Path(csv.log_dir, "hparams.yaml").read_text())["ssl"]
+    assert saved["callback"] == "StructuredSparsity" and saved["lambdas"] == {"filter": 0.3}
+    assert saved["couple"] is True and saved["include"] == ["net.conv1"] and saved["phases"]["ssl"] == [1, 3]

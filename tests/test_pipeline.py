@@ -88,6 +88,38 @@ def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> No
     assert want <= keys, f"missing {sorted(want - keys)}; logged {sorted(keys)}"
 
 
+def test_run_baseline_is_its_own_wandb_run_with_hyperparameters_and_everything_lands_under_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from .conftest import read_wandb_runs
+
+    wandb.finish()
+    monkeypatch.chdir(tmp_path)  # nothing may be written to the current directory
+    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"), "--trainer.logger.init_args.offline",
+              "true", "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
+    out = tmp_path / "out"
+    main(["run", RECIPE, "--baseline", "--out", str(out), *QUICK, *logger])
+    wandb.finish()
+    runs = read_wandb_runs(tmp_path / "wb")
+    assert sorted(r["job_type"] for r in runs) == ["baseline", "ssl"]
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith("lenet_mnist5k_shapes-")
+    assert {r["name"] for r in runs} == {"lenet_mnist5k_shapes-baseline", "lenet_mnist5k_shapes-ssl"}
+    for r in runs:  # the resolved recipe in both, the sparsity callback's own arguments in the SSL run
+        assert r["config"]["recipe"].endswith("lenet_mnist5k_shapes.yaml") and "model/lr" in r["config"]
+    ssl = next(r for r in runs if r["job_type"] == "ssl")["config"]
+    assert ssl["ssl"]["callback"] == "StructuredSparsity" and ssl["ssl"]["lambdas"] == {
+        "shape": 5.0,
+        "channel": 5.0,
+    }  # QUICK
+    config = (out / "config.yaml").read_text()
+    assert "max_epochs: 2" in config and "limit_train_batches: 3" in config  # the overrides, resolved
+    assert "StructuredSparsity" in config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wb"]  # no lightning_logs/ in the cwd
+
+
 def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     spec = tmp_path / "spec.yaml"
