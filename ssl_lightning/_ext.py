@@ -20,8 +20,10 @@ def has_compiled_ops() -> bool:
             from ssl_lightning import _C  # type: ignore[attr-defined]  # noqa: F401
         except ImportError as err:  # build skipped or failed: pure-PyTorch twins take over
             warnings.warn(
-                f"ssl_lightning._C could not be loaded ({err}); using the pure-PyTorch reference ops. "
-                "Reinstall with `pip install --no-build-isolation -e .` to build them.",
+                f"ssl_lightning._C could not be loaded ({err}); using the pure-PyTorch reference ops (same results, "
+                "slower). To build them, reinstall from source against the torch you run, with a C++ compiler: "
+                "`pip install --no-build-isolation --force-reinstall --no-deps ssl_lightning` (a checkout: "
+                "`pip install --no-build-isolation -e .`).",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -189,9 +189,26 @@ class SparsityCallback(Callback):
         """Group type -> coefficient (λ for group lasso, α weight decay for PSP) for :func:`build_groups`."""
         raise NotImplementedError
 
-    def set_strength(self, value: float) -> None:
-        """Set every group type's coefficient to ``value`` (used by ``ssl-lightning sweep``)."""
+    def set_strength(self, value: float, ratios: Mapping[str, float] | None = None) -> None:
+        """Set every group type's coefficient to ``value`` × its ratio (1 when not given; used by
+        ``ssl-lightning sweep``). Raises ``ValueError`` for a ratio of a type the callback does not use."""
         raise NotImplementedError
+
+    @staticmethod
+    def _scaled(
+        spec: Mapping[str, float], value: float, ratios: Mapping[str, float] | None, arg: str
+    ) -> dict[str, float]:
+        ratios = dict(ratios or {})
+        unknown = sorted(set(ratios) - set(spec))
+        if unknown:
+            raise ValueError(
+                f"--ratio: {', '.join(repr(k) for k in unknown)} not among the recipe's {arg} ({', '.join(spec)}); "
+                f"give ratios for those types only"
+            )
+        bad = {k: v for k, v in ratios.items() if not (isinstance(v, int | float) and v >= 0)}
+        if bad:
+            raise ValueError(f"--ratio values must be numbers >= 0, got {bad}")
+        return {k: value * float(ratios.get(k, 1.0)) for k in spec}
 
     @property
     def name(self) -> str:
@@ -501,7 +518,7 @@ class SparsityCallback(Callback):
             self._last_logged = trainer.global_step
             self.log_sparsity(trainer, pl_module)
         if self.log_histograms and trainer.is_global_zero:
-            self._log_wandb_chart(trainer, pl_module, trainer.global_step)
+            self._log_chart(trainer, pl_module, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -673,14 +690,20 @@ class SparsityCallback(Callback):
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        wandb_loggers = self._wandb_loggers(trainer)
-        if self.log_histograms and wandb_loggers:
-            import wandb
+        wandb_loggers, tensorboards = self._wandb_loggers(trainer), self._tensorboards(trainer)
+        if self.log_histograms and (wandb_loggers or tensorboards):
+            values = {
+                f"{self.log_prefix}_hist/{k}": v.cpu() for k, v in self.sparsity_method.histograms(self.groups).items()
+            }
+            if wandb_loggers:
+                import wandb
 
-            values = self.sparsity_method.histograms(self.groups)
-            hists = {f"{self.log_prefix}_hist/{k}": wandb.Histogram(v.cpu().tolist()) for k, v in values.items()}
-            for lg in wandb_loggers:
-                lg.log_metrics(hists, step=step)
+                hists = {k: wandb.Histogram(v.tolist()) for k, v in values.items()}
+                for lg in wandb_loggers:
+                    lg.log_metrics(hists, step=step)
+            for writer in tensorboards:  # native TensorBoard histograms; CSV takes only the scalars
+                for k, v in values.items():
+                    writer.add_histogram(k, v, step)
 
     @staticmethod
     def _wandb_loggers(trainer: Trainer) -> list[Any]:
@@ -688,15 +711,25 @@ class SparsityCallback(Callback):
 
         return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
-    def _log_wandb_chart(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        loggers = self._wandb_loggers(trainer)
-        if not loggers:
+    @staticmethod
+    def _tensorboards(trainer: Trainer) -> list[Any]:
+        """The SummaryWriters of the trainer's TensorBoard loggers."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _log_chart(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """The per-layer sparsity chart as an image: a W&B image, a TensorBoard image (CSV has no images)."""
+        loggers, tensorboards = self._wandb_loggers(trainer), self._tensorboards(trainer)
+        if not loggers and not tensorboards:
             return
         from ssl_lightning.report import plot_layer_sparsity
 
         image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
         for lg in loggers:
             lg.log_image(f"{self.log_prefix}/layer_sparsity", [image], step=step)
+        for writer in tensorboards:
+            writer.add_image(f"{self.log_prefix}/layer_sparsity", image, step, dataformats="HWC")
 
     # ------------------------------------------------------------ checkpoint
     @override

@@ -2,7 +2,8 @@
 
     ssl-lightning fit --config lenet_mnist5k_shapes [--trainer.max_epochs 5 ...]   (a shipped recipe's name or a path)
     ssl-lightning run recipes/lenet_mnist5k_shapes.yaml [--baseline] [--out DIR] [--key value ...]
-    ssl-lightning sweep recipes/lenet_mnist5k_shapes.yaml --lambda 0.01 0.05 0.2 [--out DIR] [--key value ...]
+    ssl-lightning sweep recipes/lenet_mnist5k_shapes.yaml --lambda 0.01 0.05 0.2 [--ratio shape=6 ...] [--baseline]
+        [--out DIR] [--key value ...]
     ssl-lightning compare recipes/compare/lenet_mnist5k.yaml [--seeds 0 1 2] [--out DIR] [--key value ...]
     ssl-lightning granularity recipes/lenet_mnist5k_filters.yaml [--granularities element vector kernel filter]
         [--levels 0.5 0.7 0.8 0.9 0.95] [--finetune-epochs 3] [--out DIR] [--key value ...]
@@ -202,7 +203,18 @@ def _pipeline(argv: list[str]) -> None:
         lambdas = [float(v) for v in values]
     except ValueError:
         raise ValueError(f"--lambda values must be numbers, got {values}") from None
-    pipeline.sweep(recipe, lambdas, rest, out_dir=out[0] if out else None)
+    given = _pop_option(rest, "--ratio", "+")
+    ratios: dict[str, float] = {}
+    for item in given or []:
+        kind, sep, value = item.partition("=")
+        try:
+            ratios[kind] = float(value) if sep and kind else float("nan")
+        except ValueError:
+            ratios[kind] = float("nan")
+        if ratios[kind] != ratios[kind]:
+            raise ValueError(f"--ratio takes TYPE=NUMBER items, e.g. --ratio shape=6 channel=1; got {item!r}")
+    baseline = _pop_option(rest, "--baseline", "0") is not None
+    pipeline.sweep(recipe, lambdas, rest, out_dir=out[0] if out else None, ratios=ratios or None, baseline=baseline)
 
 
 _PIPELINE_HELP = {
@@ -218,9 +230,10 @@ _PIPELINE_HELP = {
     ),
     "sweep": (
         "a recipe at several strengths: accuracy against remaining FLOPs",
-        "ssl-lightning sweep RECIPE --lambda L1 [L2 ...] [--out DIR] [--key value ...]",
-        "The recipe once per strength (every group type of its sparsity callback set to it); sweep.csv and\n"
-        "sweep.png: validation accuracy against remaining FLOPs.",
+        "ssl-lightning sweep RECIPE --lambda L1 [L2 ...] [--ratio TYPE=R ...] [--baseline] [--out DIR] [--key v ...]",
+        "The recipe once per strength λ (each group type of its sparsity callback set to λ × its --ratio, 1 by\n"
+        "default, e.g. --ratio shape=6 channel=1 as in the paper's LeNet); --baseline also trains it dense for the\n"
+        "reference line; sweep.csv and sweep.png: validation accuracy against remaining FLOPs.",
     ),
     "compare": (
         "sparsity methods side by side: accuracy, FLOPs, storage, measured speedup",

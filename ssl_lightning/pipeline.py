@@ -165,18 +165,28 @@ def plot_filters(conv: nn.Conv2d, max_filters: int = 64) -> Any:
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + 0.4), dpi=100, squeeze=False)
     scale = float(w.abs().max()) or 1.0
+    zero = 0
     for i, ax in enumerate(axes.flat):
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
         if i >= n:
+            ax.axis("off")
             continue
         f = w[i]
         if f.shape[0] == 3:
             ax.imshow(((f.permute(1, 2, 0) / scale + 1) / 2).clamp(0, 1).numpy())
         else:
             ax.imshow(f.mean(0).numpy(), cmap="gray", vmin=-scale, vmax=scale)
-        if bool((f == 0).all()):
-            ax.set_title("0", fontsize=6, color="red")
-    fig.suptitle(f"first conv layer: {n} filters (all-zero ones marked 0)", fontsize=8)
+        removed = bool((f == 0).all())  # an all-zero filter: compaction removes it
+        zero += removed
+        for spine in ax.spines.values():
+            spine.set_visible(removed)
+            spine.set_color("red")
+            spine.set_linewidth(2.5)
+        if removed:
+            ax.plot([0, 1], [0, 1], color="red", lw=1.5, transform=ax.transAxes)  # a cross over it
+            ax.plot([0, 1], [1, 0], color="red", lw=1.5, transform=ax.transAxes)
+    fig.suptitle(f"first conv layer: {n - zero} of {n} filters kept (removed ones crossed out in red)", fontsize=8)
     fig.tight_layout()
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # type: ignore[attr-defined]
@@ -304,23 +314,42 @@ def _summary_text(result: RunResult, recipe: str) -> str:
     )
 
 
-def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None, *, out_dir: str | None = None) -> Path:
-    """Run ``recipe`` once per λ (every group type of its StructuredSparsity set to it) and plot accuracy
-    against remaining FLOPs; writes ``sweep.csv`` and ``sweep.png`` into ``out_dir`` and returns it."""
+def sweep(
+    recipe: str,
+    lambdas: list[float],
+    overrides: list[str] | None = None,
+    *,
+    out_dir: str | None = None,
+    ratios: dict[str, float] | None = None,
+    baseline: bool = False,
+) -> Path:
+    """Run ``recipe`` once per λ (each group type of its sparsity callback set to λ × its ratio, 1 by default;
+    the paper's LeNet shape-wise run used shape λ = 6 × channel λ) and plot accuracy against remaining FLOPs,
+    with the dense baseline's accuracy when ``baseline``; writes ``sweep.csv`` and ``sweep.png`` into
+    ``out_dir`` and returns it."""
     if not lambdas or any(not (lam >= 0) for lam in lambdas):
         raise ValueError(f"--lambda needs one or more values >= 0, got {lambdas}")
     recipe = resolve_recipe(recipe)
     check_recipe(recipe)
     out = _out_dir(out_dir or "runs/sweep")
+    _ssl_callback(_build(recipe, list(overrides or [])).trainer, recipe).set_strength(1.0, ratios)  # check first
+    dense_acc = None
+    if baseline:
+        base = _build(recipe, list(overrides or []), out / "baseline")
+        base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+        base.trainer.fit(base.model, datamodule=base.datamodule)
+        dense_acc = _metric(base.trainer, "val_acc", base.datamodule)
+        print(f"dense baseline: val acc {100 * dense_acc:.2f} %")
     rows = []
     for lam in lambdas:
-        cli = _build(recipe, list(overrides or []))
+        cli = _build(recipe, list(overrides or []), out / f"lambda_{lam:g}")
         ssl = _ssl_callback(cli.trainer, recipe)
-        ssl.set_strength(lam)
+        ssl.set_strength(lam, ratios)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         net = copy.deepcopy(cli.model.model).eval()
         rep = sparsity_report(net, _val_batch(cli.datamodule, 1).to(cli.model.device))
-        rows.append({"lambda": lam, "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule), **rep.totals()})
+        rows.append({"lambda": lam, **{f"lambda_{k}": v for k, v in ssl.group_spec().items()},
+                     "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule), **rep.totals()})  # fmt: skip
         print(f"λ={lam:g}: val acc {100 * rows[-1]['val_acc']:.2f} %, FLOP {100 * rows[-1]['flop_fraction']:.1f} %")
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -331,13 +360,20 @@ def sweep(recipe: str, lambdas: list[float], overrides: list[str] | None = None,
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=100)
-    ax.plot([100 * r["flop_fraction"] for r in rows], [100 * r["val_acc"] for r in rows], "o-")
-    for r in rows:
-        ax.annotate(f"λ={r['lambda']:g}", (100 * r["flop_fraction"], 100 * r["val_acc"]), fontsize=7)
-    ax.set_xlabel("FLOP remaining (%)")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    ax.plot([100 * r["flop_fraction"] for r in rows], [100 * r["val_acc"] for r in rows], "o-", label="SSL")
+    for r in rows:  # labels offset in points, inside the margins below: never clipped
+        ax.annotate(f"λ={r['lambda']:g}", (100 * r["flop_fraction"], 100 * r["val_acc"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    if dense_acc is not None:
+        ax.axhline(100 * dense_acc, color="grey", ls="--", lw=1)
+        ax.plot([100], [100 * dense_acc], "s", color="grey", label=f"dense baseline {100 * dense_acc:.2f} %")
+    ax.margins(x=0.12, y=0.15)
+    ax.set_xlabel("FLOPs remaining (% of dense)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(Path(recipe).name, fontsize=8)
+    ratio_text = ", ".join(f"{k} ×{v:g}" for k, v in (ratios or {}).items())
+    ax.set_title(f"{Path(recipe).stem}: accuracy vs FLOPs{f' (ratios {ratio_text})' if ratio_text else ''}", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "sweep.png")
     plt.close(fig)

@@ -40,16 +40,15 @@ def test_run_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "## Per-layer structure" in md and "| **model** |" in md and "conv1_filters.png" in md
 
 
-def test_sweep_writes_csv_and_chart(tmp_path: Path) -> None:
+def test_sweep_writes_csv_and_chart_with_ratios_and_the_dense_baseline(tmp_path: Path) -> None:
     out = tmp_path / "sweep"
-    main(
-        ["sweep", RECIPE, "--lambda", "0", "5", "--out", str(out), *QUICK, "--trainer.default_root_dir", str(tmp_path)]
-    )
+    main(["sweep", RECIPE, "--lambda", "0", "5", "--ratio", "shape=2", "--baseline", "--out", str(out), *QUICK])
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["lambda"]) for r in rows] == [0.0, 5.0]
+    assert (float(rows[1]["lambda_shape"]), float(rows[1]["lambda_channel"])) == (10.0, 5.0)  # λ × ratio
     assert float(rows[1]["flop_fraction"]) < float(rows[0]["flop_fraction"])  # larger λ, fewer FLOPs
-    assert (out / "sweep.png").stat().st_size > 0
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "baseline").is_dir()
 
 
 @pytest.mark.parametrize(
@@ -58,6 +57,8 @@ def test_sweep_writes_csv_and_chart(tmp_path: Path) -> None:
         (["run", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml' does not exist"),
         (["sweep", RECIPE], "sweep needs --lambda"),
         (["sweep", RECIPE, "--lambda", "x"], "--lambda values must be numbers"),
+        (["sweep", RECIPE, "--lambda", "1", "--ratio", "shape"], "--ratio takes TYPE=NUMBER items"),
+        (["sweep", RECIPE, "--lambda", "1", "--ratio", "filter=2"], "--ratio: 'filter' not among the recipe's"),
         (["run"], "usage: ssl-lightning run RECIPE"),
     ],
 )

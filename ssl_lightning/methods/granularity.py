@@ -241,7 +241,9 @@ class GranularityPruning(SparsityCallback):
     def group_spec(self) -> dict[str, float]:
         return {self.group_type: self.sparsity}
 
-    def set_strength(self, value: float) -> None:
+    def set_strength(self, value: float, ratios: Mapping[str, float] | None = None) -> None:
+        if ratios:
+            raise ValueError(f"--ratio: GranularityPruning has one sparsity target ({self.granularity!r}), no ratios")
         _check_fraction("sparsity", value)
         self.sparsity = value
 

@@ -142,8 +142,8 @@ class StructuredSparsity(SparsityCallback):
     def group_spec(self) -> dict[str, float]:
         return self.lambdas
 
-    def set_strength(self, value: float) -> None:
-        self.lambdas = dict.fromkeys(self.lambdas, value)
+    def set_strength(self, value: float, ratios: Mapping[str, float] | None = None) -> None:
+        self.lambdas = self._scaled(self.lambdas, value, ratios, "lambdas")
 
     def metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """All scalar figures: per-layer structure, per-type zero-group fractions, penalty, λ, phase."""

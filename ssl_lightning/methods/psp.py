@@ -318,8 +318,8 @@ class ParameterizedPruning(SparsityCallback):
     def group_spec(self) -> dict[str, float]:
         return self.structures
 
-    def set_strength(self, value: float) -> None:
-        self.structures = dict.fromkeys(self.structures, value)
+    def set_strength(self, value: float, ratios: Mapping[str, float] | None = None) -> None:
+        self.structures = self._scaled(self.structures, value, ratios, "structures")
 
     def _build_groups(self, pl_module: LightningModule, spec: Mapping[str, float]) -> list[Group]:
         try:
