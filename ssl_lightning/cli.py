@@ -122,6 +122,28 @@ def _check_arguments(argv: list[str]) -> None:
                 argv[i + 1] = path
         elif name == "--ckpt_path" and value:
             check_checkpoint(value)
+        elif name == "--trainer.logger" and value:
+            full = _logger_path(value)
+            if inline:
+                argv[i] = f"{name}={full}"
+            else:
+                argv[i + 1] = full
+
+
+def _logger_path(value: str) -> str:
+    """``--trainer.logger``: true / false, a dotted class path, or the name of one of Lightning's loggers
+    (``WandbLogger`` -> ``lightning.pytorch.loggers.WandbLogger``); anything else is a one-line error."""
+    from lightning.pytorch import loggers
+
+    names = sorted(n for n in loggers.__all__ if n.endswith("Logger") and n != "Logger")
+    if value.lower() in ("true", "false", "null", "none") or "." in value or value.startswith(("{", "[")):
+        return value
+    if value in names:
+        return f"lightning.pytorch.loggers.{value}"
+    raise ValueError(
+        f"--trainer.logger {value!r} is not a logger; use one of {', '.join(names)}, a dotted class path "
+        "(my_package.MyLogger), or false"
+    )
 
 
 def _user_message(err: BaseException) -> str:

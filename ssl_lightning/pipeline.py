@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,6 +72,12 @@ def _build(recipe: str, overrides: list[str], root: Path | None = None) -> Light
     """The recipe's objects; ``root``: where the trainer writes logs and checkpoints (the recipe's or the
     user's own ``--trainer.default_root_dir`` wins)."""
     first = [f"--trainer.default_root_dir={root}"] if root is not None else []
+    with warnings.catch_warnings():  # the recipe and overrides are passed as args on purpose, not a mistake
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+        return _cli(recipe, first, overrides)
+
+
+def _cli(recipe: str, first: list[str], overrides: list[str]) -> LightningCLI:
     return LightningCLI(
         ImageClassifier,
         subclass_mode_data=True,

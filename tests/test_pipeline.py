@@ -58,6 +58,10 @@ def test_sweep_writes_csv_and_chart_with_ratios_and_the_dense_baseline(tmp_path:
         (["sweep", RECIPE], "sweep needs --lambda"),
         (["sweep", RECIPE, "--lambda", "x"], "--lambda values must be numbers"),
         (["sweep", RECIPE, "--lambda", "1", "--ratio", "shape"], "--ratio takes TYPE=NUMBER items"),
+        (
+            ["run", RECIPE, "--trainer.logger", "NoSuchLogger"],
+            "--trainer.logger 'NoSuchLogger' is not a logger; use one of CSVLogger",
+        ),
         (["sweep", RECIPE, "--lambda", "1", "--ratio", "filter=2"], "--ratio: 'filter' not among the recipe's"),
         (["run"], "usage: ssl-lightning run RECIPE"),
     ],
