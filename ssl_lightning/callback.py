@@ -691,6 +691,13 @@ class SparsityCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         wandb_loggers, tensorboards = self._wandb_loggers(trainer), self._tensorboards(trainer)
+        phase = self.phase(trainer)
+        if phase != getattr(self, "_phase_logged", None):  # the phase by name where a logger takes text
+            self._phase_logged = phase
+            for writer in tensorboards:
+                writer.add_text(f"{self.log_prefix}/phase_name", phase, step)
+            for lg in wandb_loggers:
+                lg.experiment.summary[f"{self.log_prefix}/phase_name"] = phase
         if self.log_histograms and (wandb_loggers or tensorboards):
             values = {
                 f"{self.log_prefix}_hist/{k}": v.cpu() for k, v in self.sparsity_method.histograms(self.groups).items()

@@ -159,8 +159,6 @@ class SparsityReport:
             else:
                 out[f"{p}/neuron_out_sparsity"] = s.row_sparsity
                 out[f"{p}/neuron_in_sparsity"] = s.col_sparsity
-            out[f"{p}/row_sparsity"] = s.row_sparsity
-            out[f"{p}/col_sparsity"] = s.col_sparsity
             out[f"{p}/params_remaining"] = s.params_nonzero / s.params
             if s.macs:
                 out[f"{p}/flops_remaining"] = s.flop_fraction

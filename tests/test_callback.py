@@ -160,8 +160,8 @@ EXPECTED_KEYS = {
     "ssl/net.conv1/channel_sparsity",
     "ssl/net.conv1/shape_sparsity",
     "ssl/net.conv1/kernel2d_sparsity",
-    "ssl/net.conv2/row_sparsity",
-    "ssl/net.conv2/col_sparsity",
+    "ssl/net.conv2/filter_sparsity",
+    "ssl/net.conv2/shape_sparsity",
     "ssl/net.conv2/flops_remaining",
     "ssl/net.fc1/neuron_in_sparsity",
     "ssl/net.fc1/neuron_out_sparsity",
@@ -183,6 +183,7 @@ def test_metrics_reach_csv_logger(tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     keys = set(rows[0].keys())
     assert keys >= EXPECTED_KEYS, EXPECTED_KEYS - keys
+    assert not any(k.endswith(("/row_sparsity", "/col_sparsity")) for k in keys)  # no duplicate names
     phases = {float(r["ssl/phase"]) for r in rows if r.get("ssl/phase")}
     assert phases == {1.0, 2.0}  # ssl then finetune
     lam = [float(r["ssl/lambda/filter"]) for r in rows if r.get("ssl/lambda/filter")]

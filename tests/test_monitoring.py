@@ -62,12 +62,13 @@ def test_tensorboard_gets_scalars_histograms_and_the_chart_and_csv_the_scalars(t
     ssl = StructuredSparsity({"filter": 0.3, "shape": 0.3}, phases=PHASES, log_every_n_steps=2)
     tb, csv = TensorBoardLogger(tmp_path / "tb"), CSVLogger(tmp_path / "csv")
     trainer(tmp_path, max_epochs=2, callbacks=[ssl], logger=[tb, csv]).fit(Module(), loader())
-    events = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    events = EventAccumulator(tb.log_dir, size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
     assert "ssl/total/flops_remaining" in tags["scalars"] and "ssl/total/shape_sparsity" in tags["scalars"]
     assert any(t.startswith("ssl_hist/") for t in tags["histograms"]), tags["histograms"]
     assert "ssl/layer_sparsity" in tags["images"]
+    assert "ssl/phase_name/text_summary" in tags["tensors"]  # the phase by name, at each change
     with open(Path(csv.log_dir, "metrics.csv")) as f:
         header = next(csvlib.reader(f))
     assert "ssl/total/flops_remaining" in header and not any(h.startswith("ssl_hist/") for h in header)
