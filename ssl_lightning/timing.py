@@ -91,6 +91,16 @@ def fastest(mods: dict[K, nn.Module], x: Tensor, margin: float = FASTEST_MARGIN)
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     with torch.inference_mode():
         best = interleaved_times({k: partial(m, x) for k, m in mods.items()}, 5, block_seconds=0.02, stat="min")
-    baseline = next(iter(mods))
-    winner = min(best, key=best.__getitem__)
-    return winner if best[winner] <= (1.0 - margin) * best[baseline] else baseline
+    return choose(best, margin)
+
+
+def choose(times: Mapping[K, float], margin: float = FASTEST_MARGIN) -> K:
+    """The decision of :func:`fastest` on measured ``times`` (seconds per call; the first key is the baseline):
+    the fastest key if it beats the baseline by at least ``margin``, else the baseline."""
+    if not times:
+        raise ValueError("choose needs at least one timing")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    baseline = next(iter(times))
+    winner = min(times, key=times.__getitem__)
+    return winner if times[winner] <= (1.0 - margin) * times[baseline] else baseline
