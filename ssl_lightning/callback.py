@@ -732,9 +732,14 @@ class SparsityCallback(Callback):
             return
         from ssl_lightning.report import plot_layer_sparsity
 
-        image = plot_layer_sparsity(sparsity_report(pl_module, spatial=self._spatial, layers=self._layers))
-        for lg in loggers:
+        report = sparsity_report(pl_module, spatial=self._spatial, layers=self._layers)
+        image = plot_layer_sparsity(report)
+        columns = ["layer", "filters kept", "filters", "channels kept", "channels", "shape sparsity", "FLOPs remaining"]
+        rows = [[s.name, s.filters_kept, s.filters, s.channels_kept, s.channels, s.col_sparsity,
+                 s.flop_fraction if s.macs else None] for s in report.layers]  # fmt: skip
+        for lg in loggers:  # the chart as an image, the figures as a native W&B table (sortable, chartable)
             lg.log_image(f"{self.log_prefix}/layer_sparsity", [image], step=step)
+            lg.log_table(f"{self.log_prefix}/layers", columns=columns, data=rows, step=step)
         for writer in tensorboards:
             writer.add_image(f"{self.log_prefix}/layer_sparsity", image, step, dataformats="HWC")
 

@@ -199,6 +199,8 @@ def test_metrics_and_histograms_reach_wandb_offline_files(tmp_path: Path) -> Non
     assert keys >= EXPECTED_KEYS, EXPECTED_KEYS - keys
     assert any(k.startswith("ssl_hist/net.conv1:filter") for k in keys)
     assert "ssl/layer_sparsity/_type" in keys  # the per-layer chart, logged as an image
+    tables = [r for r in rows if "ssl/layers/_type" in r]  # and its figures as a native W&B table
+    assert tables and tables[-1]["ssl/layers/_type"] == "table-file" and tables[-1]["ssl/layers/ncols"] == 7
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/ssl/layer_sparsity_*.png"))
     steps = [r["trainer/global_step"] for r in rows if "ssl/phase" in r]
     assert steps == sorted(steps)
