@@ -8,11 +8,13 @@
     ssl-lightning granularity recipes/lenet_mnist5k_filters.yaml [--granularities element vector kernel filter]
         [--levels 0.5 0.7 0.8 0.9 0.95] [--finetune-epochs 3] [--out DIR] [--key value ...]
 
-Every Trainer / model / data / callback argument is available from YAML and the command line; unknown keys
-are errors. ``run`` is the whole pipeline (see :mod:`ssl_lightning.pipeline`): optional dense baseline, SSL,
-prune, fine-tune, compact, verify, benchmark and a Markdown / JSON / PNG report. ``sweep`` runs a recipe for
-several λ and plots accuracy against remaining FLOPs. ``compare`` trains several sparsity methods on one recipe's
-model, data and budget and tabulates accuracy, FLOPs, storage and measured speedup.
+The model is an ``ImageClassifier`` around a network (``--model.model my_pkg.Net``) or any LightningModule by
+class path (``--model my_pkg.MyModule``). Every Trainer / model / data / callback argument is available from YAML
+and the command line; unknown keys are errors. ``run`` is the whole pipeline (see :mod:`ssl_lightning.pipeline`):
+optional dense baseline, SSL, prune, fine-tune, compact, verify, benchmark and a Markdown / JSON / PNG report.
+``sweep`` runs a recipe for several λ and plots accuracy against remaining FLOPs. ``compare`` trains several
+sparsity methods on one recipe's model, data and budget and tabulates accuracy, FLOPs, storage and measured
+speedup.
 """
 
 from __future__ import annotations
@@ -36,10 +38,34 @@ PARSER_KWARGS: dict[str, Any] = {
 }
 
 
+def own_model(argv: list[str]) -> bool:
+    """Whether the arguments (or a ``--config`` file among them) give the model as a class path — the user's own
+    LightningModule (``--model my_pkg.MyModule``, or ``model: {class_path: ...}`` in YAML) — instead of the
+    arguments of :class:`~ssl_lightning.models.ImageClassifier` that the shipped recipes use."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if name == "--model" and "." in value and not value.lstrip().startswith(("{", "[")):
+            return True
+        if name in ("--config", "-c") and value and Path(value).is_file():
+            try:
+                model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
+            except (yaml.YAMLError, AttributeError):
+                continue  # LightningCLI reports a malformed config
+            if isinstance(model, dict) and "class_path" in model:
+                return True
+    return False
+
+
 def cli(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests). The model is an ``ImageClassifier`` around a
+    network (``--model.model my_pkg.Net``), or any LightningModule given by class path (``--model my_pkg.Lit``)."""
+    own = own_model(list(sys.argv[1:] if args is None else args))
     return LightningCLI(
-        ImageClassifier,
+        None if own else ImageClassifier,
+        subclass_mode_model=own,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=PARSER_KWARGS,

@@ -77,9 +77,18 @@ def _build(recipe: str, overrides: list[str], root: Path | None = None) -> Light
         return _cli(recipe, first, overrides)
 
 
+def _network(model: pl.LightningModule) -> nn.Module:
+    """What gets compacted and reported: the ImageClassifier's network, or the user's own LightningModule."""
+    return model.model if isinstance(model, ImageClassifier) else model
+
+
 def _cli(recipe: str, first: list[str], overrides: list[str]) -> LightningCLI:
+    from ssl_lightning.cli import own_model
+
+    own = own_model(["--config", recipe, *overrides])
     return LightningCLI(
-        ImageClassifier,
+        None if own else ImageClassifier,
+        subclass_mode_model=own,
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,
@@ -234,9 +243,7 @@ def run(
     _prepare_loggers(main, recipe, "ssl", group)
     trainer.fit(model, datamodule=data)
     val_acc = _metric(trainer, "val_acc", data)
-    if not isinstance(model, ImageClassifier):
-        raise TypeError(f"run needs an ImageClassifier model, got {type(model).__name__}")
-    net = model.model.eval()
+    net = _network(model).eval()
     out = _out_dir(out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "ssl_run")
     x = _val_batch(data, 64).to(model.device)
     sparsity = sparsity_report(net, x[:1])
@@ -353,7 +360,7 @@ def sweep(
         ssl = _ssl_callback(cli.trainer, recipe)
         ssl.set_strength(lam, ratios)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        net = copy.deepcopy(cli.model.model).eval()
+        net = copy.deepcopy(_network(cli.model)).eval()
         rep = sparsity_report(net, _val_batch(cli.datamodule, 1).to(cli.model.device))
         rows.append({"lambda": lam, **{f"lambda_{k}": v for k, v in ssl.group_spec().items()},
                      "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule), **rep.totals()})  # fmt: skip
@@ -446,9 +453,9 @@ def _sparse_speedups(net: nn.Module, x: Tensor) -> dict[int, float]:
     return out
 
 
-def _evaluate(label: str, seed: int, trainer: pl.Trainer, model: ImageClassifier, data: Any) -> dict[str, Any]:
+def _evaluate(label: str, seed: int, trainer: pl.Trainer, model: pl.LightningModule, data: Any) -> dict[str, Any]:
     val_acc = _metric(trainer, "val_acc", data)
-    net = model.model.eval()
+    net = _network(model).eval()
     x = _val_batch(data, 64).to(model.device)
     sparsity = sparsity_report(net, x[:1])  # each layer's weight also in its cheapest storage encoding
     totals = sparsity.totals()
@@ -498,8 +505,6 @@ def compare(
         others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         cli.trainer.callbacks = [*others, _instantiate(label, methods[label])]  # type: ignore[attr-defined]
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        if not isinstance(cli.model, ImageClassifier):
-            raise TypeError(f"compare needs an ImageClassifier model, got {type(cli.model).__name__}")
         rows.append(_evaluate(label, seed, cli.trainer, cli.model, cli.datamodule))
         r = rows[-1]
         print(

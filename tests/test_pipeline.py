@@ -6,7 +6,9 @@ import csv
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
 
 from ssl_lightning.cli import main
 
@@ -123,6 +125,48 @@ def test_run_baseline_is_its_own_wandb_run_with_hyperparameters_and_everything_l
     assert "max_epochs: 2" in config and "limit_train_batches: 3" in config  # the overrides, resolved
     assert "StructuredSparsity" in config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wb"]  # no lightning_logs/ in the cwd
+
+
+class OwnLit(pl.LightningModule):
+    """A user's own LightningModule (not an ImageClassifier), given to fit / run by class path."""
+
+    def __init__(self, width: int = 8, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, width, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(4))
+        self.head = torch.nn.Linear(width * 6 * 6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+    def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[torch.Tensor], _: int) -> None:
+        self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(tmp_path: Path) -> None:
+    recipe = tmp_path / "own.yaml"
+    recipe.write_text(
+        "model:\n  class_path: tests.test_pipeline.OwnLit\n  init_args: {width: 6}\n"
+        "data:\n  class_path: ssl_lightning.data.MNIST5kDataModule\n"
+        "trainer:\n  callbacks:\n    - class_path: ssl_lightning.StructuredSparsity\n"
+        "      init_args: {lambdas: {filter: 0.5}}\n"
+    )
+    out = tmp_path / "out"
+    main(["run", str(recipe), "--out", str(out), *QUICK[:-2], "--trainer.callbacks.init_args.lambdas", "{filter: 5}"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "StructuredSparsity" and "features.0" in {
+        s["name"] for s in report["sparsity"]["layers"]
+    }
+    fast = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    main(["fit", "--model", "tests.test_pipeline.OwnLit", "--model.width", "4", "--data",
+          "ssl_lightning.data.MNIST5kDataModule", *fast])  # fmt: skip
 
 
 def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
