@@ -376,10 +376,19 @@ class LayerComparison:
     macs_compact: int
     ms: float  # median latency of the layer alone on the input it sees (nan without timing)
     ms_compact: float
+    noise: float = 0.0  # the larger timing spread of the two (timing.spread); above NOISE_LIMIT: not trustworthy
 
     @property
     def speedup(self) -> float:
         return self.ms / self.ms_compact if self.ms_compact > 0 else float("inf")
+
+
+def _speed_text(speedup: float, noise: float) -> str:
+    """A ratio, or the ratio marked noisy (with its spread) when load disturbed the timing."""
+    from ssl_lightning.timing import NOISE_LIMIT
+
+    text = f"{speedup:.2f}x"
+    return f"{text} (noisy: ±{100 * noise:.0f} %, rerun on a quiet machine)" if noise > NOISE_LIMIT else text
 
 
 @dataclass
@@ -398,6 +407,7 @@ class CompactionReport:
     # every saved tensor (parameters + buffers: BN statistics, folded constants, index maps), in elements
     stored: int = 0
     stored_compact: int = 0
+    noise: float = 0.0  # timing spread of the end-to-end figures (see LayerComparison.noise)
 
     @property
     def speedup(self) -> float:
@@ -413,6 +423,7 @@ class CompactionReport:
             f"{prefix}/latency_ms_dense": self.ms,
             f"{prefix}/speedup": self.speedup,
             f"{prefix}/stored_fraction": self.stored_compact / self.stored if self.stored else float("nan"),
+            f"{prefix}/timing_noise": self.noise,
         }
         for s in self.layers:
             out[f"{prefix}/{s.name}/macs_fraction"] = s.macs_compact / s.macs if s.macs else float("nan")
@@ -426,7 +437,7 @@ class CompactionReport:
             "params": self.params, "params_compact": self.params_compact, "macs": self.macs,
             "macs_compact": self.macs_compact, "ms": self.ms, "ms_compact": self.ms_compact,
             "speedup": self.speedup, "device": self.device, "stored": self.stored,
-            "stored_compact": self.stored_compact,
+            "stored_compact": self.stored_compact, "noise": self.noise,
         }  # fmt: skip
 
     def to_markdown(self) -> str:
@@ -437,14 +448,14 @@ class CompactionReport:
             "|---|---|---|---|---|---|",
         ]
         for s in self.layers:
-            speed = "cut out" if s.kind == "removed" else f"{s.speedup:.2f}x"
+            speed = "cut out" if s.kind == "removed" else _speed_text(s.speedup, s.noise)
             lines.append(
                 f"| {s.name} | {s.kind} | {s.params_compact:,} / {s.params:,} | "
                 f"{_ratio(s.macs_compact, s.macs)} | {s.ms_compact:.3f} / {s.ms:.3f} | {speed} |"
             )
         lines.append(
             f"| **model** | | {self.params_compact:,} / {self.params:,} | {_ratio(self.macs_compact, self.macs)} | "
-            f"{self.ms_compact:.3f} / {self.ms:.3f} | {self.speedup:.2f}x |"
+            f"{self.ms_compact:.3f} / {self.ms:.3f} | {_speed_text(self.speedup, self.noise)} |"
         )
         if self.stored:
             lines += ["", f"Stored (parameters + buffers, what a checkpoint holds): {self.stored_compact:,} / "
@@ -500,23 +511,27 @@ def compaction_report(
                 macs = _count_macs(lambda a=a, xa=xa: a(xa)) if xa is not None else 0
                 macs_b = _count_macs(lambda b=b, xb=xb: b(xb)) if b is not None and xb is not None else 0
                 ms = ms_b = float("nan")
+                spreads: dict[str, float] = {}
                 if timing and xa is not None:
                     fns = {"a": lambda a=a, xa=xa: a(xa)}
                     if b is not None and xb is not None:
                         fns["b"] = lambda b=b, xb=xb: b(xb)
-                    t = {k: 1e3 * v for k, v in interleaved_times(fns, rounds, block_seconds=0.02).items()}
+                    times = interleaved_times(fns, rounds, block_seconds=0.02, spreads=spreads)
+                    t = {k: 1e3 * v for k, v in times.items()}
                     ms, ms_b = t["a"], t.get("b", 0.0)
                 rows.append(LayerComparison(
                     n, type(b).__name__ if b is not None else "removed",
                     sum(p.numel() for p in a.parameters()), sum(p.numel() for p in b.parameters()) if b else 0,
-                    macs, macs_b, ms, ms_b,
+                    macs, macs_b, ms, ms_b, max(spreads.values(), default=0.0),
                 ))  # fmt: skip
             macs = _count_macs(lambda: original(*example_inputs))
             macs_b = _count_macs(lambda: compacted(*example_inputs))
             ms = ms_b = float("nan")
+            whole_spreads: dict[str, float] = {}
             if timing:
                 whole = {"a": lambda: original(*example_inputs), "b": lambda: compacted(*example_inputs)}
-                t = {k: 1e3 * v for k, v in interleaved_times(whole, rounds, block_seconds=0.02).items()}
+                times = interleaved_times(whole, rounds, block_seconds=0.02, spreads=whole_spreads)
+                t = {k: 1e3 * v for k, v in times.items()}
                 ms, ms_b = t["a"], t["b"]
     finally:
         original.train(modes[0])
@@ -525,7 +540,7 @@ def compaction_report(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return CompactionReport(
         rows, sum(p.numel() for p in original.parameters()), sum(p.numel() for p in compacted.parameters()),
-        macs, macs_b, ms, ms_b, name, _stored(original), _stored(compacted),
+        macs, macs_b, ms, ms_b, name, _stored(original), _stored(compacted), max(whole_spreads.values(), default=0.0),
     )  # fmt: skip
 
 

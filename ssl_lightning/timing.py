@@ -41,6 +41,7 @@ def interleaved_times(
     *,
     block_seconds: float = 0.05,
     stat: Literal["median", "min"] = "median",
+    spreads: dict[K, float] | None = None,
 ) -> dict[K, float]:
     """Seconds per call of each function, measured side by side on the current thread count.
 
@@ -50,7 +51,8 @@ def interleaved_times(
     one block of every function in turn, so all of them see the same machine state. The order turns by one
     function each round, so no function always follows the same other one (whose cache footprint, freed
     memory or heat it would inherit). Per function: the median block (``stat="median"``) or the best one
-    (``"min"``: least disturbed by other load; a block can only be slowed by interference).
+    (``"min"``: least disturbed by other load; a block can only be slowed by interference). ``spreads``, when
+    given, receives each function's :func:`spread` (how much load disturbed its blocks).
     """
     if not fns:
         raise ValueError("interleaved_times needs at least one function to time")
@@ -72,7 +74,23 @@ def interleaved_times(
         for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             samples[k].append(timers[k].timeit(number[k]).median)
     reduce = min if stat == "min" else statistics.median
+    if spreads is not None:
+        spreads.update({k: spread(v) for k, v in samples.items()})
     return {k: reduce(v) for k, v in samples.items()}
+
+
+# Above this spread (median block over best block − 1) a timing was disturbed by other load: a ratio from it
+# is reported as noisy instead of as a figure.
+NOISE_LIMIT = 0.25
+
+
+def spread(blocks: list[float]) -> float:
+    """How disturbed a series of timing blocks was: median / min − 1 (0 on a quiet machine; a block can only
+    be slowed by interference, so the best block is the undisturbed time)."""
+    if not blocks:
+        raise ValueError("spread needs at least one timing block")
+    best = min(blocks)
+    return statistics.median(blocks) / best - 1.0 if best > 0 else float("inf")
 
 
 # A candidate replaces the baseline (the first module given to `fastest`) only when it measures at least this

@@ -104,3 +104,27 @@ def test_settle_allocator_stops_page_faults_on_repeated_large_outputs() -> None:
     # together go back to the OS and are faulted in again on the next call (12,288 pages)
     assert before > 6000
     assert after < 100
+
+
+def test_spread_measures_how_much_load_disturbed_the_blocks() -> None:
+    from ssl_lightning.timing import spread
+
+    assert spread([1.0, 1.0, 1.0]) == 0.0
+    assert spread([1.0, 1.1, 2.0, 3.0, 1.05]) == pytest.approx(0.1)  # median 1.1 over best 1.0
+    with pytest.raises(ValueError, match="at least one timing block"):
+        spread([])
+    got: dict[str, float] = {}
+    interleaved_times({"a": lambda: None, "b": lambda: None}, 3, block_seconds=0.001, spreads=got)
+    assert set(got) == {"a", "b"} and all(v >= 0 for v in got.values())  # every function's spread comes back
+
+
+def test_a_disturbed_timing_is_reported_as_noisy_not_as_a_ratio() -> None:
+    from ssl_lightning.report import CompactionReport, LayerComparison
+
+    quiet = LayerComparison("conv1", "CompactConv2d", 10, 5, 100, 50, 2.0, 1.0, noise=0.05)
+    loaded = LayerComparison("fc", "Linear", 10, 5, 100, 50, 7.8, 0.0093, noise=3.2)
+    report = CompactionReport([quiet, loaded], 20, 10, 200, 100, 9.8, 1.0, "cpu", noise=0.4)
+    md = report.to_markdown()
+    assert "| 2.00x |" in md  # a trustworthy figure stays a plain ratio
+    assert "838.71x (noisy: ±320 %, rerun on a quiet machine)" in md
+    assert "9.80x (noisy: ±40 %" in md and report.metrics()["compaction/timing_noise"] == 0.4
