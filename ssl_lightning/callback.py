@@ -180,6 +180,7 @@ class SparsityCallback(Callback):
         self._mask_owner: dict[str, tuple[nn.Module, str]] = {}
         self._step_state: tuple[str, float] = ("dense", 0.0)
         self._last_logged = -1
+        self._phase_logged: str | None = None  # the phase last written by name (TensorBoard text, W&B summary)
         self._monitored: dict[str, float] = {}  # model-level figures logged through pl_module.log every step
         self._owned: dict[str, Tensor] = {}  # the method's own parameters (e.g. PSP's α) until they are folded
         self._others: list[SparsityCallback] = []  # the Trainer's other sparsity callbacks
@@ -692,7 +693,7 @@ class SparsityCallback(Callback):
             logger.log_metrics(metrics, step=step)
         wandb_loggers, tensorboards = self._wandb_loggers(trainer), self._tensorboards(trainer)
         phase = self.phase(trainer)
-        if phase != getattr(self, "_phase_logged", None):  # the phase by name where a logger takes text
+        if phase != self._phase_logged:  # the phase by name where a logger takes text
             self._phase_logged = phase
             for writer in tensorboards:
                 writer.add_text(f"{self.log_prefix}/phase_name", phase, step)

@@ -59,13 +59,18 @@ def own_model(argv: list[str]) -> bool:
     return False
 
 
+def model_mode(argv: list[str]) -> dict[str, Any]:
+    """LightningCLI's model arguments for ``argv``: any LightningModule by class path (subclass mode) when
+    :func:`own_model`, else :class:`~ssl_lightning.models.ImageClassifier` with its own arguments."""
+    own = own_model(argv)
+    return {"model_class": None if own else ImageClassifier, "subclass_mode_model": own}
+
+
 def cli(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests). The model is an ``ImageClassifier`` around a
     network (``--model.model my_pkg.Net``), or any LightningModule given by class path (``--model my_pkg.Lit``)."""
-    own = own_model(list(sys.argv[1:] if args is None else args))
     return LightningCLI(
-        None if own else ImageClassifier,
-        subclass_mode_model=own,
+        **model_mode(list(sys.argv[1:] if args is None else args)),
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=PARSER_KWARGS,
@@ -142,18 +147,20 @@ def _check_arguments(argv: list[str]) -> None:
         if name in ("--config", "-c") and value:
             path = resolve_recipe(value)
             check_recipe(path)
-            if inline:
-                argv[i] = f"{name}={path}"
-            else:
-                argv[i + 1] = path
+            _replace_value(argv, i, path)
         elif name == "--ckpt_path" and value:
             check_checkpoint(value)
         elif name == "--trainer.logger" and value:
-            full = _logger_path(value)
-            if inline:
-                argv[i] = f"{name}={full}"
-            else:
-                argv[i + 1] = full
+            _replace_value(argv, i, _logger_path(value))
+
+
+def _replace_value(argv: list[str], i: int, new: str) -> None:
+    """Put ``new`` where option ``argv[i]`` has its value: inline (``--name=value``) or in the next argument."""
+    name, _, inline = argv[i].partition("=")
+    if inline:
+        argv[i] = f"{name}={new}"
+    else:
+        argv[i + 1] = new
 
 
 def _logger_path(value: str) -> str:

@@ -758,26 +758,17 @@ def _analyze_tree(
         _analyze_tree(module.get_submodule(name), f"{prefix}.{name}" if prefix else name, out, memo, calls)
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[Tensor] | None = None, *, partial: bool = True) -> GraphAnalysis:
+def analyze(model: nn.Module, example_inputs: Sequence[Tensor] | None = None) -> GraphAnalysis:
     """Trace ``model`` with ``torch.fx`` and return its channel spaces and residual branches.
 
     A model that does not trace as a whole is analysed piecewise (see the module docstring); channels that
     cross an untraceable module's code stay whole, and :attr:`GraphAnalysis.untraced` names each such module
-    with the reason. ``partial=False`` raises ``RuntimeError`` (with the tracer's message) instead.
+    with the reason; it never raises for a model it cannot trace.
     example_inputs: when given, the model runs once on them and every traced graph must reproduce its
     module's output; a graph that does not (Python control flow the tracer resolved differently from the
     real run) counts as untraceable, so the analysis never follows a wrong graph.
     """
     parts: list[GraphAnalysis] = []
-    if not partial:
-        try:
-            gm = _trace(model, frozenset())
-        except Exception as err:
-            raise RuntimeError(
-                f"torch.fx could not trace {type(model).__name__}: {err}. Coupled and depth groups need a "
-                "traceable model; use uncoupled group types or list depth blocks explicitly (depth_blocks=...)."
-            ) from err
-        return _Analyzer(gm).run()
     training = model.training
     try:
         model.eval()  # dropout would make a correct graph disagree with the recorded call

@@ -452,11 +452,12 @@ def _depth_groups(
     lam: float,
     layer_lambdas: Mapping[str, float | Mapping[str, float]],
     depth_blocks: Sequence[str] | None,
-    analysis: GraphAnalysis | None,
+    analysis: GraphAnalysis,
 ) -> list[Group]:
     modules = dict(model.named_modules())
-    branches: list[list[str]] = []
+    branches = analysis.depth_branches
     if depth_blocks is not None:
+        branches = []
         for block in depth_blocks:
             if block not in modules:
                 raise ValueError(f"depth_blocks: no module named {block!r}")
@@ -464,8 +465,6 @@ def _depth_groups(
             if not inner:
                 raise ValueError(f"depth_blocks: {block!r} holds no Conv2d/Linear weights")
             branches.append(inner)
-    elif analysis is not None:
-        branches = analysis.depth_branches
     branches = [[n for n in b if n in selected] for b in branches]
     branches = [b for b in branches if b]
     if not branches:

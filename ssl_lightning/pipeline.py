@@ -83,12 +83,10 @@ def _network(model: pl.LightningModule) -> nn.Module:
 
 
 def _cli(recipe: str, first: list[str], overrides: list[str]) -> LightningCLI:
-    from ssl_lightning.cli import own_model
+    from ssl_lightning.cli import model_mode
 
-    own = own_model(["--config", recipe, *overrides])
     return LightningCLI(
-        None if own else ImageClassifier,
-        subclass_mode_model=own,
+        **model_mode(["--config", recipe, *overrides]),
         subclass_mode_data=True,
         run=False,
         save_config_callback=None,

@@ -544,22 +544,12 @@ def _slice_out(name: str, mod: nn.Module, keep: Tensor) -> None:
         if mod.bias is not None:
             mod.bias = _param(mod.bias[keep], mod.bias)
         mod.out_features = keep.numel()
-    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm | nn.modules.instancenorm._InstanceNorm):
         _check_index(name, keep, mod.num_features)
         if mod.weight is not None:
             mod.weight = _param(mod.weight[keep], mod.weight)
         if mod.bias is not None:
             mod.bias = _param(mod.bias[keep], mod.bias)
-        if mod.running_mean is not None and mod.running_var is not None:
-            mod.running_mean = mod.running_mean[keep].clone()
-            mod.running_var = mod.running_var[keep].clone()
-        mod.num_features = keep.numel()
-    elif isinstance(mod, nn.modules.instancenorm._InstanceNorm):
-        _check_index(name, keep, mod.num_features)
-        for attr in ("weight", "bias"):
-            p = getattr(mod, attr)
-            if p is not None:
-                setattr(mod, attr, _param(p[keep], p))
         if mod.running_mean is not None and mod.running_var is not None:
             mod.running_mean = mod.running_mean[keep].clone()
             mod.running_var = mod.running_var[keep].clone()

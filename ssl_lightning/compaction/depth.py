@@ -92,10 +92,7 @@ def plan_and_remove_depth(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Remove, in place, every all-zero residual branch of ``model`` (eval mode) whose output is a measured
     per-channel constant. Returns the plan entries (JSON-able) and notes on zero branches left in place."""
-    try:
-        analysis = analyze(model, trials[0])
-    except RuntimeError:
-        return [], []
+    analysis = analyze(model, trials[0])
     plan: list[dict[str, Any]] = []
     notes: list[str] = []
     found: dict[str, tuple[list[str], nn.Module, fx.GraphModule, fx.Node, int]] = {}  # block -> rewrite target

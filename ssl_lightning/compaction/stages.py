@@ -151,7 +151,7 @@ def compact_with_info(
             depth, notes = plan_and_remove_depth(new, trials, _run)
             try:
                 plan, corrections = plan_channel_removal(new, trials, _run, align=align)
-            except RuntimeError as err:  # not traceable by torch.fx: channels stay, convs are still swapped
+            except RuntimeError as err:  # the model fails while channels are measured: convs are still swapped
                 warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
             else:
                 apply_channel_plan(new, plan, corrections)

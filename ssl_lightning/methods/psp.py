@@ -340,10 +340,7 @@ class ParameterizedPruning(SparsityCallback):
             return
         from ssl_lightning.graph import analyze
 
-        try:
-            analysis = analyze(pl_module)
-        except RuntimeError:
-            return
+        analysis = analyze(pl_module)
         modules = dict(pl_module.named_modules())
         hits = sorted(
             p
