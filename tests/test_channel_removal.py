@@ -556,7 +556,8 @@ def test_padded_fold_state_dicts_of_the_earlier_format_still_load() -> None:
         dense.weight.copy_(torch.cat([conv.weight, fw], 1))
         dense.bias.copy_(conv.bias)
     old |= {"fold_weight": fw, "fold_value": fv, "border": F.conv2d(image, fw, None, 2, 1)[0]}
-    layer = PaddedFoldConv2d(nn.Conv2d(5, 6, 3, padding=1, stride=2), torch.zeros(6, 3, 3))
-    layer.load_state_dict(old)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), dense(full), rtol=1e-5, atol=1e-5)
+    for size in (None, (9, 7)):  # the map rebuilt per call, or cached for the compaction's size (refreshed on load)
+        layer = PaddedFoldConv2d(nn.Conv2d(5, 6, 3, padding=1, stride=2), torch.zeros(6, 3, 3), size)
+        layer.load_state_dict(dict(old))
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense(full), rtol=1e-5, atol=1e-5)

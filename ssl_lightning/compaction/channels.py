@@ -43,19 +43,35 @@ class PaddedFoldConv2d(nn.Module):
     A constant channel value v_r reaches output (y, x) only through the kernel taps (i, j) that fall inside the
     input, so its contribution is a map, not a bias: ``Σ_ij taps[o, i, j]·inside_row(y, i)·inside_col(x, j)``
     with ``taps[o] = Σ_r v_r·W[o, r]``. Only ``fold_taps`` [out, kh, kw] is stored (the removed channels'
-    kernels weighted by their constants: the size of one input channel's weights); the [out, Ho, Wo] map is
-    rebuilt for the input size at each call from two 0/1 matrices (about out·Ho·Wo·kh MACs, a small fraction
-    of the conv). State dicts of the earlier format (``fold_weight``, ``fold_value``, ``border``) still load.
+    kernels weighted by their constants: the size of one input channel's weights). The [out, Ho, Wo] map for
+    the input size seen at compaction (``size``) is kept as a non-persistent buffer, so the forward adds it
+    like a bias and the saved model holds only the taps; another input size rebuilds the map from two 0/1
+    matrices. State dicts of the earlier format (``fold_weight``, ``fold_value``, ``border``) still load.
     """
 
     fold_taps: Tensor
+    cached_map: Tensor
 
-    def __init__(self, conv: nn.Module, fold_taps: Tensor) -> None:
+    def __init__(self, conv: nn.Module, fold_taps: Tensor, size: Sequence[int] | None = None) -> None:
         super().__init__()
         self.conv = conv
         self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)  # type: ignore[arg-type]
         self.dilation = tuple(conv.dilation)  # type: ignore[arg-type]
+        self.kernel_size = tuple(conv.kernel_size)  # type: ignore[arg-type]
         self.register_buffer("fold_taps", fold_taps.detach().clone())
+        self.size = (int(size[0]), int(size[1])) if size is not None else None  # input [H, W] of the cached map
+        self.register_buffer("cached_map", self._map_for_size(), persistent=False)
+
+    def _map_for_size(self) -> Tensor:
+        """The map for ``self.size`` (empty without one): rebuilt whenever the taps change."""
+        if self.size is None:
+            return self.fold_taps.new_zeros(0)
+        h, w = self.size
+        ho, wo = (
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
+        )
+        return self.border(h, w, ho, wo)
 
     @staticmethod
     def _inside(size: int, out: int, k: int, s: int, p: int, d: int, like: Tensor) -> Tensor:
@@ -72,6 +88,8 @@ class PaddedFoldConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
+        if self.size is not None and tuple(x.shape[-2:]) == self.size:  # the compaction's input size: no rebuild
+            return y + self.cached_map.to(y.dtype)
         return y + self.border(x.shape[-2], x.shape[-1], y.shape[-2], y.shape[-1]).to(y.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -80,6 +98,8 @@ class PaddedFoldConv2d(nn.Module):
         if fw is not None and fv is not None and prefix + "fold_taps" not in state_dict:
             state_dict[prefix + "fold_taps"] = torch.einsum("orij,r->oij", fw, fv.to(fw.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.cached_map = self._map_for_size()  # the loaded taps
 
 
 @dataclass
@@ -497,7 +517,7 @@ def apply_channel_plan(model: nn.Module, plan: ChannelPlan, corrections: dict[st
                 if name in plan.out_keep:  # the consumer lost output rows too
                     fw = fw[torch.tensor(plan.out_keep[name], dtype=torch.long)]
                 taps = torch.einsum("orij,r->oij", fw.double(), fv.double()).to(conv.weight)
-            model.set_submodule(name, PaddedFoldConv2d(conv, taps))
+            model.set_submodule(name, PaddedFoldConv2d(conv, taps, plan.padded[name]["size"]))
 
 
 def _buffer(model: nn.Module, name: str) -> object:
