@@ -60,6 +60,7 @@ def test_sweep_writes_csv_and_chart_with_ratios_and_the_dense_baseline(tmp_path:
         (["sweep", RECIPE], "sweep needs --lambda"),
         (["sweep", RECIPE, "--lambda", "x"], "--lambda values must be numbers"),
         (["sweep", RECIPE, "--lambda", "1", "--ratio", "shape"], "--ratio takes TYPE=NUMBER items"),
+        (["sweep", RECIPE, "--lambda", "1", "--ratio", "shape=-1"], "--ratio values must be numbers >= 0"),
         (
             ["run", RECIPE, "--trainer.logger", "NoSuchLogger"],
             "--trainer.logger 'NoSuchLogger' is not a logger; use one of CSVLogger",

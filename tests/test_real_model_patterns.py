@@ -339,3 +339,11 @@ def test_a_compacted_model_that_fails_to_run_is_a_labelled_compaction_error(monk
     monkeypatch.setattr(stages, "apply_channel_plan", broken)
     with pytest.raises(CompactionError, match=r"the compacted model fails on an input of the example's shape"):
         compact_with_info(model, torch.randn(2, 3, 8, 8), measure=False, align=1)
+
+
+def test_a_plan_that_keeps_part_of_a_groupnorm_group_is_refused() -> None:
+    from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan
+
+    model = Norms("group")
+    with pytest.raises(ValueError, match=r"keeps part of a GroupNorm group \(\[3, 0, 0, 0\] of 4 per group\)"):
+        apply_channel_plan(model, ChannelPlan(out_keep={"norm": [0, 1, 2]}))
