@@ -1,6 +1,12 @@
 """Compacted convolution vs what users run today, on the SSL paper's layers and structures.
 
     python benchmarks/bench_compact_conv.py [--threads 2] [--batch 1 16] [--rounds 5] [--markdown out.md]
+        [--isa avx2]
+
+``--isa avx2`` measures what a CPU without AVX-512 runs, on this one: the op is capped to its AVX2 kernel
+(``SSL_LIGHTNING_MAX_ISA=avx2``) and the baselines to AVX2 too (``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN's
+``F.conv2d``, ``MKL_ENABLE_INSTRUCTIONS=AVX2`` for MKL's GEMMs); both libraries read these once at start, so the
+script restarts itself with them set.
 
 Layers: AlexNet conv1–5 with the paper's Table 4 row-2 and row-5 structures (kept rows / columns drawn at
 random with the paper's per-layer fractions, per conv group), the CIFAR ConvNet (Table 3 row 2) and
@@ -20,8 +26,10 @@ with its Table 4 CPU row.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -217,12 +225,21 @@ def _main() -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
         help="storage dtype of input, weights and output for every column (the paper protocol stays fp32)",
     )  # fmt: skip
+    p.add_argument(
+        "--isa", choices=["native", "avx2"], default="native",
+        help="avx2: cap the op and the baselines (oneDNN, MKL) to AVX2, as on a CPU without AVX-512",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.isa == "avx2":
+        capped = {"SSL_LIGHTNING_MAX_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+        if any(os.environ.get(k) != v for k, v in capped.items()):  # oneDNN / MKL read them once, at start
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **capped})
     torch.set_num_threads(args.threads)
     lines = [
         f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer; {args.stat} of "
-        f"{args.rounds} rounds; {args.dtype}"
+        f"{args.rounds} rounds; {args.dtype}; ISA {args.isa}"
+        + (" (op, oneDNN and MKL capped to AVX2)" if args.isa == "avx2" else "")
     ]
     scaling = [thread_scaling(args.threads)]
     dtype = getattr(torch, args.dtype)

@@ -32,18 +32,55 @@ TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, con
 namespace ssl_lightning {
 namespace {
 
-// SSL_LIGHTNING_GEMM picks the fp32 GEMM, read at every call (benchmarks and tests switch it):
-//   unset / "auto": the gathered-panel AVX-512 kernel (gather_gemm.cpp) where the CPU has it, else "onednn";
+// SSL_LIGHTNING_GEMM picks the kernel, read at every call (benchmarks and tests switch it):
+//   unset / "auto": the gathered-panel AVX-512 kernel (gather_gemm.cpp) where the CPU has it, else the AVX2 one
+//     (gather_gemm_avx2.cpp), else "onednn";
+//   "gather": the AVX-512 kernel; "avx2": the AVX2 kernel (an error where the CPU or the call cannot run it);
 //   "onednn": lowered tiles through oneDNN's matmul for large GEMMs, ATen BLAS for small ones;
 //   "blas": lowered tiles through ATen's BLAS (MKL) only.
-// Other dtypes always take the lowered-tile path with ATen's BLAS.
+// float64 always takes the lowered-tile path with ATen's BLAS.
+// SSL_LIGHTNING_MAX_ISA=avx2|none caps the ISA the op uses, as oneDNN's ONEDNN_MAX_CPU_ISA does: the op then
+// behaves as on a CPU without AVX-512 (avx2) or without either kernel (none), so one machine can test and
+// benchmark what other CPUs run.
 std::string gemm_choice() {
   const char* env = std::getenv("SSL_LIGHTNING_GEMM");
   const std::string v = env == nullptr ? "auto" : std::string(env);
-  TORCH_CHECK(v == "auto" || v == "gather" || v == "onednn" || v == "blas",
-              "SSL_LIGHTNING_GEMM must be auto, gather, onednn or blas, got '", v, "'");
+  TORCH_CHECK(v == "auto" || v == "gather" || v == "avx2" || v == "onednn" || v == "blas",
+              "SSL_LIGHTNING_GEMM must be auto, gather, avx2, onednn or blas, got '", v, "'");
   return v;
 }
+
+enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa isa_cap() {
+  const char* env = std::getenv("SSL_LIGHTNING_MAX_ISA");
+  const std::string v = env == nullptr ? "avx512" : std::string(env);
+  TORCH_CHECK(v == "avx512" || v == "avx2" || v == "none",
+              "SSL_LIGHTNING_MAX_ISA must be avx512, avx2 or none, got '", v, "'");
+  return v == "avx512" ? Isa::kAvx512 : v == "avx2" ? Isa::kAvx2 : Isa::kNone;
+}
+
+// Why a gathered-panel kernel cannot run calls of dtype in this process ("" when it can; geometry aside).
+std::string kernel_unavailable(Isa kernel, at::ScalarType dtype) {
+  const bool avx512 = kernel == Isa::kAvx512;
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
+    return std::string("it runs float32, bfloat16 and float16, got ") + c10::toString(dtype);
+  if (isa_cap() < kernel)
+    return std::string("SSL_LIGHTNING_MAX_ISA=") + std::getenv("SSL_LIGHTNING_MAX_ISA") + " hides " +
+           (avx512 ? "AVX-512" : "AVX2");
+  const std::string missing = avx512 ? gather_gemm_missing(dtype) : gather_gemm_avx2_missing();
+  if (!missing.empty())
+    return "this CPU lacks " + missing +
+           (avx512 && dtype != at::kFloat ? std::string(" (for ") + c10::toString(dtype) + ")" : "");
+  return "";
+}
+
+std::string kernel_unavailable(Isa kernel, at::ScalarType dtype, const ConvGeometry& G) {
+  std::string why = kernel_unavailable(kernel, dtype);
+  if (why.empty() && !gather_gemm_fits(G)) why = "the input is too large for its 32-bit gather offsets";
+  return why;
+}
+
 
 // oneDNN builds a matmul primitive per call (~35 us here), so it only pays off on larger GEMMs.
 constexpr double kOneDnnMinFlops = 32e6;
@@ -132,6 +169,19 @@ void lower_tile(const scalar_t* x, const int64_t* cols, int64_t k, int64_t group
 
 }  // namespace
 
+std::string cpu_kernel(at::ScalarType dtype) {
+  const std::string choice = gemm_choice();
+  if (choice == "onednn" || choice == "blas") return choice;
+  const std::string no_avx512 = kernel_unavailable(Isa::kAvx512, dtype), no_avx2 = kernel_unavailable(Isa::kAvx2, dtype);
+  TORCH_CHECK(choice != "gather" || no_avx512.empty(), "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run ",
+              c10::toString(dtype), " calls here: ", no_avx512);
+  TORCH_CHECK(choice != "avx2" || no_avx2.empty(), "SSL_LIGHTNING_GEMM=avx2: the AVX2 kernel cannot run ",
+              c10::toString(dtype), " calls here: ", no_avx2);
+  if (choice != "avx2" && no_avx512.empty()) return "avx512";
+  if (no_avx2.empty()) return "avx2";
+  return at::hasMKLDNN() ? "onednn" : "blas";
+}
+
 at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx_arg,
                               const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
@@ -152,24 +202,41 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
   if (G.n == 0) return out;
   const std::string choice = gemm_choice();  // once per call, not per tile
-  const bool gather_ok = gather_gemm_supported(x.scalar_type()) && gather_gemm_fits(G);
-  TORCH_CHECK(choice != "gather" || gather_ok,
-              "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (it runs float32, bfloat16 and "
-              "float16 on x86-64 CPUs with AVX-512F, AVX-512BW/VL for the 16-bit types, on inputs whose offsets "
-              "fit 32 bits; got ", x.scalar_type(), "); unset SSL_LIGHTNING_GEMM or set it to auto");
-  if (gather_ok && (choice == "gather" || choice == "auto")) {
+  const std::string no_avx512 = kernel_unavailable(Isa::kAvx512, x.scalar_type(), G);
+  const std::string no_avx2 = kernel_unavailable(Isa::kAvx2, x.scalar_type(), G);
+  TORCH_CHECK(choice != "gather" || no_avx512.empty(), "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run ",
+              "this call: ", no_avx512, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a kernel "
+              "this CPU runs)");
+  TORCH_CHECK(choice != "avx2" || no_avx2.empty(), "SSL_LIGHTNING_GEMM=avx2: the AVX2 kernel cannot run this call: ",
+              no_avx2, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a kernel this CPU runs)");
+  const bool lowered = choice == "onednn" || choice == "blas";
+  if (!lowered && no_avx512.empty() && choice != "avx2") {
     // writes every output row itself (removed filters' bias included), in one parallel region
     const at::Tensor wc = weight.contiguous();
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "compact_conv2d_gather", [&] {
       if constexpr (std::is_same_v<scalar_t, double>) {
-        TORCH_INTERNAL_ASSERT(false, "gather_gemm_supported() is false for float64");
+        TORCH_INTERNAL_ASSERT(false, "the AVX-512 kernel does not run float64");
       } else {
         gather_gemm_conv2d<scalar_t>(x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), ri, rp, ci, cpp,
                                      bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr, G,
                                      out.mutable_data_ptr<scalar_t>(), out_rows, compact_output);
       }
     });
+    return out;
+  }
+  if (!lowered && no_avx2.empty()) {
+    // fp32 kernel; bf16 / fp16 are widened once (input, weight, bias) and the fp32 result rounded once per
+    // value, as the AVX-512 kernel rounds its fp32 accumulators
+    const bool wide = x.scalar_type() == at::kFloat;
+    const at::Tensor x32 = wide ? x : x.to(at::kFloat);
+    const at::Tensor w32 = weight.contiguous().to(at::kFloat);
+    const at::Tensor b32 = bias.has_value() ? bias->contiguous().to(at::kFloat) : at::Tensor();
+    at::Tensor out32 = wide ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    gather_gemm_conv2d_avx2(x32.const_data_ptr<float>(), w32.const_data_ptr<float>(), ri, rp, ci, cpp,
+                            b32.defined() ? b32.const_data_ptr<float>() : nullptr, G, out32.mutable_data_ptr<float>(),
+                            out_rows, compact_output);
+    if (!wide) out.copy_(out32);
     return out;
   }
   if (!compact_output) {

@@ -13,6 +13,7 @@
 // fp32 at stride 1 merges the two: the first row block's micro-kernel reads B from the input and stores it.
 // k runs in chunks of at most 640 (the B chunk stays in L2); A is read in place from the compact weight.
 #include "gather_gemm.h"
+#include "gather_panel.h"
 
 #include <ATen/Parallel.h>
 
@@ -36,12 +37,10 @@ namespace ssl_lightning {
 namespace {
 
 constexpr int kMR = 12;  // kept filters per micro-tile
-constexpr int kNR = 32;  // output positions per micro-tile (two zmm)
-// Most kept columns per packed chunk: 640 x 32 floats = 80 KiB, in L2. The kernel streams B at 2 zmm loads
-// per 24 FMAs, which L2 sustains: on Zen 4 a 12 x 32 tile ran at 105-112 GFLOP/s per core for k chunks of
-// 264-532 against 96-98 for L1-sized chunks of 133-167 (fewer C reloads and calls), and the whole op at
-// batch 16 ran 5-16 % faster on AlexNet conv1-5 with 640 than with 160.
-constexpr int64_t kKC = 640;
+using gather::kKC;
+using gather::kMaxRuns;
+using gather::kNR;
+using gather::Panel;
 
 // The C tile's accumulators: loaded from C (accumulate) or set to the bias (or 0); stored back masked.
 template <int M, int NV>
@@ -155,22 +154,6 @@ bool cpu_has_bf16_dot() {
   static const bool ok = __builtin_cpu_supports("avx512bf16");
   return ok;
 }
-
-// The 32 positions of one panel, as seen by the packing: per lane the input offset (ih * W + iw) of the
-// tap origin; per tap t = kh_i * KW + kw_i the lanes whose tap is inside the image (zero padding elsewhere);
-// and (stride-1 width only) the runs of lanes that are consecutive in memory, at most kMaxRuns per 16-lane
-// half, with each tap's in-image lanes split by run, so packing a column is a fixed sequence of masked
-// loads with no branch on the column's tap (with one per run, and the TLS lookup below, packing's share of
-// the op's samples was 1.7x its share now; AlexNet conv4, perf record).
-constexpr int kMaxRuns = 8;
-struct Panel {
-  alignas(64) int32_t idx[kNR];
-  int runs[2] = {0, 0};
-  int64_t run_off[2][kMaxRuns];  // input offset that lane 0 of the half would read
-  std::vector<uint32_t> tap_lanes;  // [taps]
-  std::vector<uint16_t> run_lanes;  // [taps][2][kMaxRuns]: tap_lanes of half h within run s
-  std::vector<uint32_t> row_mask, col_mask;  // describe_panel's scratch: lanes in bounds per kernel row / column
-};
 
 // 16 lanes of 16-bit storage (bf16 or fp16) to fp32.
 __attribute__((target("avx512f"))) inline __m512 widen(__m256i v, c10::BFloat16*) {
@@ -348,36 +331,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float
   }
 }
 
-// Scratch memory reused across calls (its contents are rebuilt by every call; nothing is cached).
-struct CallTables {  // the calling thread's per-call tables
-  std::vector<int64_t> off, tap_off, w_off, fill, fill_ptr;
-  std::vector<int32_t> taps;  // per kept column: its tap kh_i * KW + kw_i
-  std::vector<float> bias_kept;
-  std::vector<float> a32;  // the compact weight widened to fp32 (16-bit storage only)
-  std::vector<uint16_t> a16;  // bf16 dot path: the compact weight, each row padded to an even length
-  std::vector<int64_t> w_off16;
-  std::vector<char> kept;
-};
-struct TaskScratch {  // one worker's B panel, panel description and (16-bit storage) fp32 C tile
-  std::vector<float> bpanel;
-  std::vector<float> ctile;
-  Panel panel;
-};
-// v resized to hold n floats from a 64-byte boundary, and that boundary: the B panel's 32-float rows and the
-// C tile's rows then start on cache lines (glibc's 16-byte alignment split every zmm store and load in two).
-float* aligned_floats(std::vector<float>& v, int64_t n) {
-  v.resize(n + 15);
-  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
-}
-CallTables& call_tables() {
-  thread_local CallTables t;
-  return t;
-}
-TaskScratch& task_scratch() {
-  thread_local TaskScratch t;
-  return t;
-}
-
 // rows[i] of the panel at out (32 positions, masked by m0 | m1 << 16) = bias[rows[i]] (or 0).
 __attribute__((target("avx512f"))) void fill_panel_rows(float* out, int64_t P, const int64_t* rows, int64_t count,
                                                         const float* bias, __mmask16 m0, __mmask16 m1) {
@@ -398,61 +351,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void fill_panel_rows(T* out
   }
 }
 
-// Fills pn for positions [p0, p0 + np) and reports whether every half fits in kMaxRuns runs.
-bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn) {
-  pn.row_mask.assign(G.kh, 0u);
-  pn.col_mask.assign(G.kw, 0u);
-  pn.runs[0] = pn.runs[1] = 0;
-  uint32_t run_mask[2][kMaxRuns];  // lanes of each run, within its half
-  bool fits = G.sw == 1;
-  int64_t oh = p0 / G.wo, ow = p0 % G.wo;  // position p0 + j, advanced lane by lane (no division per lane)
-  for (int64_t j = 0; j < kNR; ++j) {
-    if (j >= np) {
-      pn.idx[j] = 0;
-      continue;
-    }
-    const int64_t ih = oh * G.sh - G.ph, iw = ow * G.sw - G.pw;
-    if (++ow == G.wo) ow = 0, ++oh;
-    pn.idx[j] = int32_t(ih * G.w + iw);
-    for (int64_t a = 0; a < G.kh; ++a)
-      if (uint64_t(ih + a * G.dh) < uint64_t(G.h)) pn.row_mask[a] |= 1u << j;
-    for (int64_t b = 0; b < G.kw; ++b)
-      if (uint64_t(iw + b * G.dw) < uint64_t(G.w)) pn.col_mask[b] |= 1u << j;
-    if (!fits) continue;
-    const int h = int(j / 16), lane = int(j % 16);
-    const bool continues = lane > 0 && pn.idx[j] == pn.idx[j - 1] + 1;
-    if (!continues) {
-      if (pn.runs[h] == kMaxRuns) {
-        fits = false;
-        continue;
-      }
-      run_mask[h][pn.runs[h]] = 0;
-      pn.run_off[h][pn.runs[h]] = int64_t(pn.idx[j]) - lane;
-      ++pn.runs[h];
-    }
-    run_mask[h][pn.runs[h] - 1] |= 1u << lane;
-  }
-  const int64_t taps = G.kh * G.kw;
-  pn.tap_lanes.resize(taps);
-  for (int64_t a = 0; a < G.kh; ++a)
-    for (int64_t b = 0; b < G.kw; ++b) pn.tap_lanes[a * G.kw + b] = pn.row_mask[a] & pn.col_mask[b];
-  if (fits) {
-    pn.run_lanes.resize(taps * 2 * kMaxRuns);
-    for (int64_t t = 0; t < taps; ++t)
-      for (int h = 0; h < 2; ++h)
-        for (int s = 0; s < pn.runs[h]; ++s)
-          pn.run_lanes[(t * 2 + h) * kMaxRuns + s] = uint16_t((pn.tap_lanes[t] >> (16 * h)) & run_mask[h][s]);
-  }
-  return fits;
-}
-
 }  // namespace
 
-bool gather_gemm_supported(at::ScalarType dtype) {
-  static const bool f32 = __builtin_cpu_supports("avx512f");
-  static const bool f16 = f32 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  if (dtype == at::kFloat) return f32;
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && f16;
+std::string gather_gemm_missing(at::ScalarType dtype) {
+  static const bool f = __builtin_cpu_supports("avx512f"), bw = __builtin_cpu_supports("avx512bw"),
+                    vl = __builtin_cpu_supports("avx512vl");
+  std::string missing;
+  auto need = [&](bool has, const char* name) {
+    if (!has) missing += (missing.empty() ? "" : ", ") + std::string(name);
+  };
+  need(f, "AVX-512F");
+  if (dtype != at::kFloat) need(bw, "AVX-512BW"), need(vl, "AVX-512VL");
+  return missing;
+}
+
+std::string gather_gemm_avx2_missing() {
+  static const bool avx2 = __builtin_cpu_supports("avx2"), fma = __builtin_cpu_supports("fma");
+  return !avx2 && !fma ? "AVX2, FMA" : !avx2 ? "AVX2" : !fma ? "FMA" : "";
 }
 
 bool gather_gemm_fits(const ConvGeometry& G) {
@@ -466,39 +381,10 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
                         const int64_t* col_idx, const int64_t* col_ptr, const T* bias, const ConvGeometry& G, T* out,
                         int64_t out_rows, bool compact_output) {
   constexpr bool kWide = std::is_same_v<T, float>;  // fp32 storage: C rows are the output rows themselves
-  const int64_t P = G.ho * G.wo, HW = G.h * G.w, taps = G.kh * G.kw;
-  const int64_t panels = (P + kNR - 1) / kNR;
-  // Per-call tables live in this thread's scratch (reused across calls, rebuilt every call): allocating
-  // them fresh took 1.6-2.2 us per call on AlexNet conv4 at 2 threads, ~1.5 % of the whole layer.
-  CallTables& tb = call_tables();
-  // Per kept column: input offset of its tap origin and its tap (kh_i * KW + kw_i). The channel c = col / taps
-  // by one multiply (Lemire, Kaser & Kurz 2019: exact for 32-bit col and taps > 1; the checked indices are
-  // < Cg * KH * KW): a division per column took 3-4 us per call on AlexNet conv4's 528 columns, serial
-  // before the parallel region (~4 % of the layer).
-  const int64_t kcols = col_ptr[G.groups];
-  tb.off.resize(kcols), tb.taps.resize(kcols), tb.tap_off.resize(taps);
-  for (int64_t t = 0; t < taps; ++t) tb.tap_off[t] = (t / G.kw) * G.dh * G.w + (t % G.kw) * G.dw;
-  const bool fastdiv = taps > 1 && G.cg * taps <= std::numeric_limits<uint32_t>::max();
-  const uint64_t magic = fastdiv ? ~uint64_t(0) / uint64_t(taps) + 1 : 0;
-  for (int64_t g = 0; g < G.groups; ++g) {
-    for (int64_t i = col_ptr[g], end = col_ptr[g + 1]; i < end; ++i) {
-      const int64_t c = fastdiv ? int64_t((unsigned __int128)magic * uint32_t(col_idx[i]) >> 64) : col_idx[i] / taps;
-      const int64_t t = col_idx[i] - c * taps;
-      tb.taps[i] = int32_t(t);
-      tb.off[i] = (g * G.cg + c) * HW + tb.tap_off[t];
-    }
-  }
-  // The kernel reads A (the kept filters) straight from the op's packed weight: per group r x k row-major.
-  tb.w_off.assign(G.groups + 1, 0);
-  int64_t kmax = 0, rblocks_max = 0;
-  for (int64_t g = 0; g < G.groups; ++g) {
-    const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
-    kmax = std::max(kmax, k);
-    rblocks_max = std::max(rblocks_max, (r + kMR - 1) / kMR);
-    tb.w_off[g + 1] = tb.w_off[g] + r * k;
-  }
-  tb.bias_kept.resize(bias != nullptr ? row_ptr[G.groups] : 0);  // bias of every kept filter, in row_idx order
-  for (int64_t i = 0; i < int64_t(tb.bias_kept.size()); ++i) tb.bias_kept[i] = float(bias[row_idx[i]]);
+  const int64_t P = G.ho * G.wo, HW = G.h * G.w;
+  gather::CallTables& tb = gather::call_tables();
+  gather::build_call_tables(tb, row_idx, row_ptr, col_idx, col_ptr, bias, G, compact_output);
+  const int64_t kmax = tb.kmax;
   const float* a_all = nullptr;  // the compact weight as fp32
   // bf16 on a CPU with AVX512_BF16: multiply bf16 pairs directly (A rows padded to even k, B packed in pairs)
   // (SSL_LIGHTNING_BF16_DOT=0 widens bf16 to fp32 instead, as on CPUs without it: for tests and comparisons)
@@ -526,31 +412,16 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
     widen_all(weight, tb.a32.data(), tb.w_off[G.groups]);
     a_all = tb.a32.data();
   }
-  // Full width: the removed filters of group g (fill[fill_ptr[g] .. fill_ptr[g + 1])) output their bias.
-  // Kept filters of a group whose columns were all removed get it from the k == 0 pass below.
-  tb.fill.clear(), tb.fill_ptr.assign(G.groups + 1, 0);
-  if (!compact_output) {
-    tb.kept.assign(G.out_channels, 0);
-    for (int64_t i = 0; i < row_ptr[G.groups]; ++i) tb.kept[row_idx[i]] = 1;
-    for (int64_t g = 0; g < G.groups; ++g) {
-      for (int64_t c = g * G.og; c < (g + 1) * G.og; ++c)
-        if (!tb.kept[c]) tb.fill.push_back(c);
-      tb.fill_ptr[g + 1] = int64_t(tb.fill.size());
-    }
-  }
   const int64_t* off = tb.off.data();
   const int32_t* tap = tb.taps.data();
   const int64_t *w_off = tb.w_off.data(), *fill = tb.fill.data(), *fill_ptr = tb.fill_ptr.data();
   const float* bias_kept = tb.bias_kept.data();
 
-  // Tasks: (image, group, panel, share of the row blocks). Rows are split only when there are too few
-  // panels to keep every thread busy (each share packs its own copy of the panel).
-  const int64_t base_tasks = G.n * G.groups * panels;
-  const int64_t want = 4 * int64_t(at::get_num_threads());
-  const int64_t rsplit = std::clamp<int64_t>((want + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, rblocks_max));
+  const gather::TaskSplit split = gather::split_tasks(G, (tb.rows_max + kMR - 1) / kMR);
+  const int64_t panels = split.panels, base_tasks = split.base_tasks, rsplit = split.rsplit;
   at::parallel_for(0, base_tasks * rsplit, 1, [&](int64_t t0, int64_t t1) {
-    TaskScratch& ts = task_scratch();
-    float* const bpanel = aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
+    gather::TaskScratch& ts = gather::task_scratch();
+    float* const bpanel = gather::aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
     Panel& pn = ts.panel;
     float* crow[kMR];
     T* orow[kMR];
@@ -569,11 +440,11 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
       if (share == 0)  // this panel's slice of the removed filters' rows, next to the kernel's own writes
         fill_panel_rows(out_n, P, fill + fill_ptr[g], fill_ptr[g + 1] - fill_ptr[g], bias, m0, m1);
       if (rb0 == rb1) continue;
-      const bool runs = describe_panel(G, p0, np, pn);
+      const bool runs = gather::describe_panel(G, p0, np, pn);
       const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
       const int64_t c0 = col_ptr[g];
       const float* a_g = a_all != nullptr ? a_all + w_off[g] : nullptr;
-      float* const ctile = kWide ? nullptr : aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
+      float* const ctile = kWide ? nullptr : gather::aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
       // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
       auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
       // the output row of kept filter r0 + i of group g (its own channel, or its place in the kept list)
@@ -640,7 +511,8 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
 
 #else  // not x86-64 GCC/Clang: the BLAS path of compact_conv.cpp runs instead
 
-bool gather_gemm_supported(at::ScalarType) { return false; }
+std::string gather_gemm_missing(at::ScalarType) { return "an x86-64 CPU (this build is for another architecture)"; }
+std::string gather_gemm_avx2_missing() { return "an x86-64 CPU (this build is for another architecture)"; }
 bool gather_gemm_fits(const ConvGeometry&) { return false; }
 template <typename T>
 void gather_gemm_conv2d(const T*, const T*, const int64_t*, const int64_t*, const int64_t*, const int64_t*, const T*,

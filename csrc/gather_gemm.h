@@ -1,4 +1,4 @@
-// The x86-64 AVX-512 path of ssl_lightning::compact_conv2d (fp32; bf16 / fp16 storage): the kept columns of the im2col matrix are
+// The x86-64 AVX-512 and AVX2 paths of ssl_lightning::compact_conv2d (fp32; bf16 / fp16 storage): the kept columns of the im2col matrix are
 // gathered from the input straight into the GEMM's packed B panels (32 output positions x k kept columns),
 // and a 12 x 32 register-blocked micro-kernel multiplies them with the kept rows (read in place), writing each
 // output row at its final channel (full-width or compact layout). No lowered matrix exists beyond one
@@ -7,13 +7,19 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "compact_conv_args.h"
 
 namespace ssl_lightning {
 
-// True when this build has the kernel (x86-64, GCC/Clang) and the CPU runs it for dtype: fp32 needs
-// AVX-512F; bf16 / fp16 storage (fp32 arithmetic) also AVX-512BW/VL.
-bool gather_gemm_supported(at::ScalarType dtype);
+// The CPU features the AVX-512 kernel needs for dtype and this CPU lacks ("" when it runs here): fp32 needs
+// AVX-512F; bf16 / fp16 storage (fp32 arithmetic) also AVX-512BW/VL. Builds for other architectures name that.
+// dtype must be float32, bfloat16 or float16.
+std::string gather_gemm_missing(at::ScalarType dtype);
+
+// The same for the AVX2 kernel (fp32 only: AVX2 and FMA).
+std::string gather_gemm_avx2_missing();
 
 // True when the geometry fits the kernel's 32-bit gather offsets.
 bool gather_gemm_fits(const ConvGeometry& G);
@@ -29,5 +35,10 @@ template <typename T>
 void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, const int64_t* row_ptr,
                         const int64_t* col_idx, const int64_t* col_ptr, const T* bias, const ConvGeometry& G, T* out,
                         int64_t out_rows, bool compact_output);
+
+// The AVX2 / FMA kernel (gather_gemm_avx2.cpp): the same panels and output contract, fp32 only.
+void gather_gemm_conv2d_avx2(const float* x, const float* weight, const int64_t* row_idx, const int64_t* row_ptr,
+                             const int64_t* col_idx, const int64_t* col_ptr, const float* bias, const ConvGeometry& G,
+                             float* out, int64_t out_rows, bool compact_output);
 
 }  // namespace ssl_lightning

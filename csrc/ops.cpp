@@ -86,7 +86,41 @@ TORCH_LIBRARY_IMPL(ssl_lightning, CPU, m) {
 
 #ifdef SSL_LIGHTNING_PYTHON_MODULE
 #include <Python.h>
+
+#include <string>
+
+namespace ssl_lightning {
+std::string cpu_kernel(at::ScalarType dtype);  // compact_conv.cpp
+}
+
+// _C.cpu_kernel("float32" | "bfloat16" | "float16" | "float64") -> the CPU kernel compact_conv2d takes for
+// that dtype in this process now: "avx512", "avx2", "onednn" or "blas" (see compact_conv.cpp).
+static PyObject* cpu_kernel_py(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string dtype(name);
+  const at::ScalarType t = dtype == "float32"    ? at::kFloat
+                           : dtype == "bfloat16" ? at::kBFloat16
+                           : dtype == "float16"  ? at::kHalf
+                           : dtype == "float64"  ? at::kDouble
+                                                 : at::ScalarType::Undefined;
+  if (t == at::ScalarType::Undefined) {
+    PyErr_Format(PyExc_ValueError, "cpu_kernel: dtype must be float32, bfloat16, float16 or float64, got '%s'", name);
+    return nullptr;
+  }
+  try {
+    return PyUnicode_FromString(ssl_lightning::cpu_kernel(t).c_str());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+static PyMethodDef ssl_lightning_methods[] = {
+    {"cpu_kernel", cpu_kernel_py, METH_O, "The CPU kernel compact_conv2d takes for a dtype name in this process."},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import ssl_lightning._C` loads this library, which registers the ops above with the dispatcher.
-static struct PyModuleDef ssl_lightning_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+static struct PyModuleDef ssl_lightning_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, ssl_lightning_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&ssl_lightning_module); }
 #endif

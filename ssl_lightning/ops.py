@@ -20,6 +20,7 @@ __all__ = [
     "compact_conv2d",
     "compact_conv2d_backward_reference",
     "compact_conv2d_reference",
+    "cpu_kernel",
     "expand_compact_weight",
     "lowered_nonzero",
     "lowered_nonzero_reference",
@@ -197,6 +198,26 @@ def compact_conv2d(
     if has_compiled_ops() and (input.device.type == "cpu" or (input.is_cuda and has_cuda_kernels())):
         return torch.ops.ssl_lightning.compact_conv2d(*args)
     return compact_conv2d_reference(*args)
+
+
+def cpu_kernel(dtype: torch.dtype = torch.float32) -> str:
+    """The CPU kernel :func:`compact_conv2d` takes for ``dtype`` tensors in this process, now.
+
+    ``"avx512"`` (gathered panels, AVX-512), ``"avx2"`` (gathered panels, AVX2 / FMA; bf16 / fp16 through fp32),
+    ``"onednn"`` / ``"blas"`` (kept columns lowered tile by tile into oneDNN's or ATen's GEMM), or ``"reference"``
+    without the compiled extension. Follows the CPU's features and the switches the op reads at every call:
+    ``SSL_LIGHTNING_GEMM`` (``auto|gather|avx2|onednn|blas``) and ``SSL_LIGHTNING_MAX_ISA`` (``avx512|avx2|none``,
+    which makes the op behave as on a CPU without the higher ISAs). A forced kernel this CPU cannot run raises
+    ``RuntimeError`` naming the missing CPU feature, as the op itself does.
+    """
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
+    if dtype not in names:
+        raise ValueError(f"cpu_kernel: dtype must be one of {', '.join(map(str, names))}, got {dtype}")
+    if not has_compiled_ops():
+        return "reference"
+    from ssl_lightning import _C  # type: ignore[attr-defined]
+
+    return str(_C.cpu_kernel(names[dtype]))
 
 
 def compact_conv2d_backward_reference(

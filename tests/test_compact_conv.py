@@ -73,6 +73,22 @@ def _gemm_env(choice: str) -> contextlib.AbstractContextManager[None]:
     return _env("SSL_LIGHTNING_GEMM", choice)
 
 
+def _runs_here(gemm: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this build and CPU run the forced kernel ``gemm`` (gather: AVX-512, avx2) for ``dtype``."""
+    if not has_compiled_ops():
+        return False
+    try:
+        with _gemm_env(gemm):
+            ops.cpu_kernel(dtype)
+    except RuntimeError:
+        return False
+    return True
+
+
+# the gathered-panel kernels this machine runs (an AVX-512 machine also runs the AVX2 one)
+PANEL_KERNELS = [k for k in ("gather", "avx2") if _runs_here(k)]
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     n=st.integers(1, 3),
@@ -89,7 +105,7 @@ def _gemm_env(choice: str) -> contextlib.AbstractContextManager[None]:
     with_bias=st.booleans(),
     layout_kind=st.sampled_from(["contiguous", "channels_last", "sliced"]),
     size=st.sampled_from([(11, 10), (4, 37), (2, 70)]),  # rows of 10 / 37 / 70 positions in 32-lane panels
-    gemm=st.sampled_from(["auto", "onednn", "blas"]),  # the AVX-512 kernel and both lowered-tile paths
+    gemm=st.sampled_from(["auto", "onednn", "blas", *PANEL_KERNELS]),  # the panel kernels and both lowered paths
     seed=st.integers(0, 1000),
 )
 def test_matches_dense_conv_on_masked_weight(
@@ -149,9 +165,15 @@ def test_masked_weight_is_the_dense_weight_with_zeros() -> None:
 
 
 @compiled
-def test_opcheck() -> None:
-    for args in opcheck_samples():
-        torch.library.opcheck(torch.ops.ssl_lightning.compact_conv2d.default, args)
+@pytest.mark.parametrize("gemm", ["auto", "avx2", "onednn"])
+def test_opcheck(gemm: str) -> None:
+    if gemm == "avx2" and not _runs_here(gemm):
+        pytest.skip("this CPU has no AVX2 / FMA")
+    with _gemm_env(gemm):
+        for args in opcheck_samples():
+            if gemm == "avx2" and args[0].dtype == torch.float64:
+                continue  # a forced panel kernel refuses float64 (tested below)
+            torch.library.opcheck(torch.ops.ssl_lightning.compact_conv2d.default, args)
 
 
 @pytest.mark.parametrize("compact_output", [False, True])
@@ -340,7 +362,7 @@ def test_unknown_gemm_choice_is_a_clear_error() -> None:
     wc = ops.pack_compact_weight(torch.randn(2, 2, 3, 3), ri, rp, ci, cp)
     with (
         _gemm_env("fastest"),
-        pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, gather, onednn or blas"),
+        pytest.raises(RuntimeError, match="SSL_LIGHTNING_GEMM must be auto, gather, avx2, onednn or blas"),
     ):
         ops.compact_conv2d(x, wc, ri, rp, ci, cp, None, (3, 3), (1, 1), (1, 1), (1, 1), 1, 2)
 
@@ -348,18 +370,64 @@ def test_unknown_gemm_choice_is_a_clear_error() -> None:
 @compiled
 def test_forcing_the_gather_kernel_where_it_cannot_run_is_a_clear_error() -> None:
     x, *rest = case(5, dtype=torch.float64)
-    with _gemm_env("gather"), pytest.raises(RuntimeError, match=r"SSL_LIGHTNING_GEMM=gather: .* got Double\)"):
+    msg = r"SSL_LIGHTNING_GEMM=gather: .* it runs float32, bfloat16 and float16, got Double"
+    with _gemm_env("gather"), pytest.raises(RuntimeError, match=msg):
         ops.compact_conv2d(x, *rest, False)
     with _gemm_env("auto"):  # auto takes the lowered path for float64
         torch.testing.assert_close(ops.compact_conv2d(x, *rest, False), ops.compact_conv2d_reference(x, *rest, False))
 
 
-@pytest.mark.parametrize("gemm", ["auto", "onednn"])
+@compiled
+@pytest.mark.skipif("gather" not in PANEL_KERNELS, reason="needs a CPU with AVX-512F")
+def test_isa_cap_makes_the_op_run_as_on_a_cpu_without_avx512() -> None:
+    """SSL_LIGHTNING_MAX_ISA caps what auto picks (a CPU without AVX-512 takes the AVX2 kernel, one without
+    either the lowered tiles); each choice computes the same result."""
+    x, *rest = case(6)
+    want = ops.compact_conv2d_reference(x, *rest, False)
+    for cap, kernel in [("avx512", "avx512"), ("avx2", "avx2"), ("none", "onednn")]:
+        with _env("SSL_LIGHTNING_MAX_ISA", cap), _gemm_env("auto"):
+            assert ops.cpu_kernel() == kernel
+            torch.testing.assert_close(ops.compact_conv2d(x, *rest, False), want, rtol=1e-5, atol=1e-5)
+    with _gemm_env("avx2"):  # forced: the AVX2 kernel although AVX-512 is there
+        assert ops.cpu_kernel() == ops.cpu_kernel(torch.bfloat16) == "avx2"
+    assert ops.cpu_kernel(torch.float64) == "onednn"  # no panel kernel for float64
+
+
+@compiled
+@pytest.mark.skipif(not PANEL_KERNELS, reason="needs an x86-64 CPU with AVX2 / FMA")
+@pytest.mark.parametrize(("cap", "gemm", "hidden"), [("avx2", "gather", "AVX-512"), ("none", "avx2", "AVX2")])
+def test_forcing_a_kernel_the_cpu_lacks_names_the_missing_feature(cap: str, gemm: str, hidden: str) -> None:
+    """A forced kernel this (capped) CPU cannot run is a clear error naming what is missing, from the op and
+    from cpu_kernel alike, never an illegal instruction."""
+    if gemm == "gather" and "gather" not in PANEL_KERNELS:
+        pytest.skip("this CPU lacks AVX-512 anyway (the uncapped message is tested by the CPU itself)")
+    x, *rest = case(7)
+    with _env("SSL_LIGHTNING_MAX_ISA", cap), _gemm_env(gemm):
+        msg = rf"SSL_LIGHTNING_GEMM={gemm}: .*SSL_LIGHTNING_MAX_ISA={cap} hides {hidden}"
+        with pytest.raises(RuntimeError, match=msg + r"\. Unset SSL_LIGHTNING_GEMM or set it to auto"):
+            ops.compact_conv2d(x, *rest, False)
+        with pytest.raises(RuntimeError, match=msg):
+            ops.cpu_kernel()
+
+
+@compiled
+def test_unknown_isa_cap_and_dtype_are_clear_errors() -> None:
+    x, *rest = case(8)
+    msg = "SSL_LIGHTNING_MAX_ISA must be avx512, avx2 or none, got 'sse'"
+    with _env("SSL_LIGHTNING_MAX_ISA", "sse"), pytest.raises(RuntimeError, match=msg):
+        ops.compact_conv2d(x, *rest, False)
+    with pytest.raises(ValueError, match=r"cpu_kernel: dtype must be one of .* got torch.int32"):
+        ops.cpu_kernel(torch.int32)
+
+
+@pytest.mark.parametrize("gemm", ["auto", "onednn", "avx2"])
 @pytest.mark.parametrize("keep_cols", [0.0, 1.0])
 @pytest.mark.parametrize("compact_output", [False, True])
 def test_all_or_no_columns_kept_over_several_tiles(gemm: str, keep_cols: float, compact_output: bool) -> None:
     """0 % kept columns: the kept filters output their bias; 100 %: the dense conv. 30 filters x 3 groups
-    and 7 x 40 positions span several 12-filter tiles and 32-position panels."""
+    and 7 x 40 positions span several 12-filter (6 for AVX2) tiles and 32-position panels."""
+    if gemm == "avx2" and not _runs_here(gemm):
+        pytest.skip("this CPU has no AVX2 / FMA")
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 7, 40, generator=gen)
     dense = torch.randn(90, 2, 3, 3, generator=gen)
@@ -377,9 +445,12 @@ def test_all_or_no_columns_kept_over_several_tiles(gemm: str, keep_cols: float, 
 
 @pytest.mark.parametrize(("cg", "keep_cols"), [(80, 0.95), (160, 1.0)])  # k = 684 and 1440 kept columns
 @pytest.mark.parametrize("compact_output", [False, True])
-def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, compact_output: bool) -> None:
-    """More kept columns than one packed k chunk holds (640 on the AVX-512 path): the partial products of
+@pytest.mark.parametrize("gemm", ["auto", "avx2"])
+def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, compact_output: bool, gemm: str) -> None:
+    """More kept columns than one packed k chunk holds (640 on the panel kernels): the partial products of
     the chunks add up, with the bias added once."""
+    if gemm == "avx2" and not _runs_here(gemm):
+        pytest.skip("this CPU has no AVX2 / FMA")
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(2, 2 * cg, 6, 9, generator=gen)
     dense = torch.randn(26, cg, 3, 3, generator=gen)
@@ -391,17 +462,21 @@ def test_long_kept_columns_accumulate_over_k_chunks(cg: int, keep_cols: float, c
     expected = F.conv2d(x, masked, bias, 1, 1, 1, 2)
     if compact_output:
         expected = expected[:, ri]
-    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 2, 26, compact_output)
+    with _gemm_env(gemm):
+        got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 1), (1, 1), 2, 26, compact_output)
     assert got.shape == expected.shape
     assert (got - expected).abs().max() / expected.abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("wo", [1, 2, 3])
-def test_narrow_outputs_at_stride_1_pack_by_runs_or_by_lanes(dtype: torch.dtype, wo: int) -> None:
+@pytest.mark.parametrize("gemm", ["auto", "avx2"])
+def test_narrow_outputs_at_stride_1_pack_by_runs_or_by_lanes(dtype: torch.dtype, wo: int, gemm: str) -> None:
     """Stride-1 panels are packed one masked load per run of consecutive positions, at most 8 runs per 16
     lanes: output rows of 3 positions give 6 runs, of 2 exactly 8, of 1 sixteen (read lane by lane instead).
     Padding rows and columns make every tap's lanes a different subset of each run."""
+    if gemm == "avx2" and not _runs_here(gemm):
+        pytest.skip("this CPU has no AVX2 / FMA")
     gen = torch.Generator().manual_seed(wo)
     x = torch.randn(2, 6, 41, wo + 2, generator=gen).to(dtype)  # kernel 3, padding (1, 0): Wo = wo
     dense = torch.randn(26, 3, 3, 3, generator=gen).to(dtype)
@@ -410,30 +485,20 @@ def test_narrow_outputs_at_stride_1_pack_by_runs_or_by_lanes(dtype: torch.dtype,
     wc = ops.pack_compact_weight(dense, ri, rp, ci, cp)
     masked = ops.expand_compact_weight(wc, ri, rp, ci, cp, 26, 3, (3, 3))
     expected = F.conv2d(x.double(), masked.double(), bias.double(), 1, (1, 0), 1, 2)
-    got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 0), (1, 1), 2, 26)
+    with _gemm_env(gemm):
+        got = ops.compact_conv2d(x, wc, ri, rp, ci, cp, bias, (3, 3), (1, 1), (1, 0), (1, 1), 2, 26)
     assert got.shape == expected.shape == (2, 26, 41, wo)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # 16-bit storage: one rounding of the fp32 result
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
 
 
-def _gather_kernel_runs_16_bit() -> bool:
-    """Whether this build and CPU run bf16 / fp16 through the AVX-512 kernel (SSL_LIGHTNING_GEMM=gather)."""
-    if not has_compiled_ops():
-        return False
-    x = torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16)
-    ri, rp, ci, cp = layout(1, 1, 1, 1, 1, 1.0, 1.0, 0)
-    try:
-        with _gemm_env("gather"):
-            ops.compact_conv2d(x, torch.ones(1, dtype=torch.bfloat16), ri, rp, ci, cp, None, (1, 1), (1, 1), (0, 0),
-                               (1, 1), 1, 1)  # fmt: skip
-    except RuntimeError:
-        return False
-    return True
+PANEL_KERNELS_16 = [k for k in ("gather", "avx2") if _runs_here(k, torch.bfloat16)]
 
 
-@pytest.mark.skipif(not _gather_kernel_runs_16_bit(), reason="needs the AVX-512 kernel with BW/VL (x86-64)")
+@pytest.mark.skipif(not PANEL_KERNELS_16, reason="needs a panel kernel (x86-64 AVX2 / FMA or AVX-512 BW/VL)")
 @settings(max_examples=60, deadline=None)
 @given(
+    gemm=st.sampled_from(PANEL_KERNELS_16 or ["gather"]),
     dtype=st.sampled_from([torch.bfloat16, torch.float16]),
     bf16_dot=st.booleans(),
     n=st.integers(1, 2),
@@ -453,7 +518,7 @@ def _gather_kernel_runs_16_bit() -> bool:
     seed=st.integers(0, 1000),
 )
 def test_16_bit_storage_rounds_the_fp32_result_once(
-    dtype, bf16_dot, n, groups, cg, og, kernel, stride, padding, dilation, keep_rows, keep_cols, compact_output,
+    gemm, dtype, bf16_dot, n, groups, cg, og, kernel, stride, padding, dilation, keep_rows, keep_cols, compact_output,
     with_bias, channels_last, size, seed,
 ) -> None:  # fmt: skip
     """bf16 / fp16 in and out, fp32 inside: the result is the fp32 conv of the same 16-bit values, rounded."""
@@ -474,8 +539,9 @@ def test_16_bit_storage_rounds_the_fp32_result_once(
     )
     if compact_output:
         expected = expected[:, ri]
-    # the AVX-512 kernel (or an error, never a silent fallback); bf16 by dot products or widened to fp32
-    with _gemm_env("gather"), _env("SSL_LIGHTNING_BF16_DOT", "1" if bf16_dot else "0"):
+    # a panel kernel (or an error, never a silent fallback); AVX-512: bf16 by dot products or widened to fp32;
+    # AVX2: input, weight and bias widened to fp32 once
+    with _gemm_env(gemm), _env("SSL_LIGHTNING_BF16_DOT", "1" if bf16_dot else "0"):
         got = ops.compact_conv2d(
             x, wc, ri, rp, ci, cp, bias, kernel, stride, padding, dilation, groups, o, compact_output
         )
@@ -489,7 +555,7 @@ def test_16_bit_storage_rounds_the_fp32_result_once(
         assert int((got != expected.to(dtype)).sum()) <= max(1, expected.numel() // 100)
 
 
-@pytest.mark.skipif(not _gather_kernel_runs_16_bit(), reason="needs the AVX-512 kernel with BW/VL (x86-64)")
+@pytest.mark.skipif(not _runs_here("gather", torch.bfloat16), reason="needs the AVX-512 kernel with BW/VL (x86-64)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bf16_dot", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])  # stride 2: lanes read one by one

@@ -76,6 +76,7 @@ def cases(draw: Any, dtypes: tuple[torch.dtype, ...] = tuple(TOL)) -> Case:
     h_min = max(1, dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0])
     w_min = max(1, dilation[1] * (kernel[1] - 1) + 1 - 2 * padding[1])
     size = (h_min + draw(st.integers(0, 8)), w_min + draw(st.integers(0, 40)))
+    dtype = draw(st.sampled_from(dtypes))
     return Case(
         n=draw(st.integers(0, 5)),
         groups=groups,
@@ -86,12 +87,12 @@ def cases(draw: Any, dtypes: tuple[torch.dtype, ...] = tuple(TOL)) -> Case:
         padding=padding,
         dilation=dilation,
         size=size,
-        dtype=draw(st.sampled_from(dtypes)),
+        dtype=dtype,
         layout=draw(st.sampled_from(["contiguous", "channels_last", "sliced"])),
         pattern=draw(st.sampled_from(PATTERNS)),
         bias=draw(st.booleans()),
         compact_output=draw(st.booleans()),
-        gemm=draw(st.sampled_from(["auto", "onednn", "blas"])),
+        gemm=draw(st.sampled_from([g for g in GEMMS if g != "avx2" or dtype != torch.float64])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -183,6 +184,21 @@ def gemm_env(choice: str) -> Iterator[None]:
             os.environ.pop("SSL_LIGHTNING_GEMM")
         else:
             os.environ["SSL_LIGHTNING_GEMM"] = old
+
+
+def _avx2_runs_here() -> bool:
+    if not has_compiled_ops():
+        return False
+    try:
+        with gemm_env("avx2"):
+            ops.cpu_kernel()
+    except RuntimeError:
+        return False
+    return True
+
+
+# the AVX-512 kernel (auto, on such a CPU), the AVX2 one, and both lowered-tile paths
+GEMMS = ["auto", "onednn", "blas", *(["avx2"] if _avx2_runs_here() else [])]
 
 
 # ------------------------------------------------------------------------------------------- valid cases

@@ -1,0 +1,77 @@
+// ISA-independent half of the gathered-panel kernels (gather_gemm.cpp: AVX-512, gather_gemm_avx2.cpp: AVX2):
+// how a panel of 32 consecutive output positions reads the input, the per-call tables (kept columns' input
+// offsets and taps, per-group weight offsets, kept bias, removed filters to fill) and the task split.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "compact_conv_args.h"
+
+namespace ssl_lightning::gather {
+
+constexpr int kNR = 32;  // output positions per panel (two zmm, four ymm)
+// Most kept columns per packed chunk: 640 x 32 floats = 80 KiB, in L2. The AVX-512 kernel streams B at 2 zmm
+// loads per 24 FMAs, which L2 sustains: on Zen 4 a 12 x 32 tile ran at 105-112 GFLOP/s per core for k chunks
+// of 264-532 against 96-98 for L1-sized chunks of 133-167 (fewer C reloads and calls), and the whole op at
+// batch 16 ran 5-16 % faster on AlexNet conv1-5 with 640 than with 160.
+constexpr int64_t kKC = 640;
+
+// The 32 positions of one panel, as seen by the packing: per lane the input offset (ih * W + iw) of the
+// tap origin; per tap t = kh_i * KW + kw_i the lanes whose tap is inside the image (zero padding elsewhere);
+// and (stride-1 width only) the runs of lanes that are consecutive in memory, at most kMaxRuns per 16-lane
+// half, with each tap's in-image lanes split by run, so packing a column is a fixed sequence of masked
+// loads with no branch on the column's tap (with one per run, and the TLS lookup below, packing's share of
+// the op's samples was 1.7x its share now; AlexNet conv4, perf record).
+constexpr int kMaxRuns = 8;
+struct Panel {
+  alignas(64) int32_t idx[kNR];
+  int runs[2] = {0, 0};
+  int64_t run_off[2][kMaxRuns];  // input offset that lane 0 of the half would read
+  std::vector<uint32_t> tap_lanes;  // [taps]
+  std::vector<uint16_t> run_lanes;  // [taps][2][kMaxRuns]: tap_lanes of half h within run s
+  std::vector<uint32_t> row_mask, col_mask;  // describe_panel's scratch: lanes in bounds per kernel row / column
+};
+
+// Fills pn for positions [p0, p0 + np) and reports whether every half fits in kMaxRuns runs.
+bool describe_panel(const ConvGeometry& G, int64_t p0, int64_t np, Panel& pn);
+
+// v resized to hold n floats from a 64-byte boundary, and that boundary: the B panel's 32-float rows and the
+// C tile's rows then start on cache lines (glibc's 16-byte alignment split every zmm store and load in two).
+float* aligned_floats(std::vector<float>& v, int64_t n);
+
+// Scratch memory reused across calls (its contents are rebuilt by every call; nothing is cached): allocating
+// the tables fresh took 1.6-2.2 us per call on AlexNet conv4 at 2 threads, ~1.5 % of the whole layer.
+struct CallTables {  // the calling thread's per-call tables
+  std::vector<int64_t> off, tap_off, w_off, fill, fill_ptr;
+  std::vector<int32_t> taps;  // per kept column: its tap kh_i * KW + kw_i
+  std::vector<float> bias_kept;  // bias of every kept filter, in row_idx order
+  std::vector<float> a32;  // the compact weight widened to fp32 (16-bit storage only)
+  std::vector<uint16_t> a16;  // bf16 dot path: the compact weight, each row padded to an even length
+  std::vector<int64_t> w_off16;
+  std::vector<char> kept;
+  int64_t kmax = 0, rows_max = 0;  // most kept columns / kept filters of any group
+};
+struct TaskScratch {  // one worker's B panel, panel description and (16-bit storage) fp32 C tile
+  std::vector<float> bpanel;
+  std::vector<float> ctile;
+  Panel panel;
+};
+CallTables& call_tables();
+TaskScratch& task_scratch();
+
+// Fills tb's ISA-independent tables for one call: off / taps (per kept column), w_off (per group, into the
+// compact weight, r x k row-major), kmax / rows_max, bias_kept (bias != nullptr), and with full-width output
+// the removed filters of group g: fill[fill_ptr[g] .. fill_ptr[g + 1]). BiasT: float, c10::BFloat16, c10::Half.
+template <typename BiasT>
+void build_call_tables(CallTables& tb, const int64_t* row_idx, const int64_t* row_ptr, const int64_t* col_idx,
+                       const int64_t* col_ptr, const BiasT* bias, const ConvGeometry& G, bool compact_output);
+
+// Tasks are (share of the row blocks, image, group, panel), share outermost. Rows are split only when there
+// are too few panels to keep every thread busy (each share packs its own copy of the panel).
+struct TaskSplit {
+  int64_t panels, base_tasks, rsplit;
+};
+TaskSplit split_tasks(const ConvGeometry& G, int64_t row_blocks_max);
+
+}  // namespace ssl_lightning::gather
