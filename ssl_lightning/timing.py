@@ -10,7 +10,7 @@ from functools import partial
 from typing import Literal, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.benchmark import Timer
 
 K = TypeVar("K")
@@ -99,16 +99,26 @@ def spread(blocks: list[float]) -> float:
 FASTEST_MARGIN = 0.03
 
 
-def fastest(mods: dict[K, nn.Module], x: Tensor, margin: float = FASTEST_MARGIN) -> K:
-    """The key of the module that runs ``x`` fastest: five interleaved rounds of about 20 ms blocks, each
-    module's best block (robust to the machine's load changing meanwhile; see ``interleaved_times``).
-    The first key is the baseline: another key wins only when it is at least ``margin`` faster than it."""
+def fastest(
+    mods: Mapping[K, Callable[[Tensor], object]],
+    x: Tensor,
+    margin: float = FASTEST_MARGIN,
+    *,
+    spreads: dict[K, float] | None = None,
+    block_seconds: float = 0.02,
+) -> K:
+    """The key of the module (or function of ``x``) that runs ``x`` fastest: five interleaved rounds of
+    ``block_seconds`` blocks (20 ms), each module's best block (robust to the machine's load changing meanwhile; see
+    ``interleaved_times``). The first key is the baseline: another key wins only when it is at least ``margin``
+    faster than it. ``spreads``, when given, receives each key's :func:`spread` (the caller's noise control)."""
     if not mods:
         raise ValueError("fastest needs at least one module to time")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     with torch.inference_mode():
-        best = interleaved_times({k: partial(m, x) for k, m in mods.items()}, 5, block_seconds=0.02, stat="min")
+        best = interleaved_times(
+            {k: partial(m, x) for k, m in mods.items()}, 5, block_seconds=block_seconds, stat="min", spreads=spreads
+        )
     return choose(best, margin)
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+# Compacted layers time their implementations on their first inference call per input shape (autotune); the
+# tests run thousands of such calls on throwaway shapes, so they use the deterministic cost model instead
+# (subprocesses too), and tests of the autotune turn it on themselves (tests/test_kernel_choice.py).
+os.environ["SSL_LIGHTNING_AUTOTUNE"] = "0"
+
 import glob
 import json
-import os
 import struct
 import time
 import zlib

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_lightning import CompactConv2d
+from ssl_lightning import CompactConv2d, ops
 from ssl_lightning.timing import fastest
 
 
@@ -81,8 +81,12 @@ def test_auto_with_example_input_measures_and_stays_exact() -> None:
 def test_rows_impl_rounds_filter_count_to_alignment() -> None:
     conv = sparse_conv(8, 64, 3, rows=0.5, cols=0.0)
     mod = CompactConv2d.from_conv(conv, impl="rows", align=16)
-    assert mod.weight.shape[0] % 16 == 0 and mod.weight.shape[0] < 64
+    assert mod.rows_sel.numel() % 16 == 0 and mod.rows_sel.numel() < 64
     assert int(mod.rows_real.sum()) == int(conv.weight.flatten(1).ne(0).any(1).sum())
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():  # the row-only conv runs the aligned filter count, derived from the packed weight
+        assert mod._derived("rows").shape == (mod.rows_sel.numel(), 8, 3, 3)
+        torch.testing.assert_close(mod(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_padding_modes_the_fused_op_does_not_implement() -> None:
@@ -189,7 +193,9 @@ def test_rows_full_width_output_trains_like_the_source_conv() -> None:
     (mod(x2) * gy).sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad)
     torch.testing.assert_close(mod.bias.grad, conv.bias.grad)  # removed filters' bias too
-    torch.testing.assert_close(mod.weight.grad, conv.weight.grad[mod.rows_sel])
+    # the packed weight trains: its gradient is the source conv's at the kept rows and columns
+    want = ops.pack_compact_weight(conv.weight.grad, mod.row_idx, mod.row_ptr, mod.col_idx, mod.col_ptr)
+    torch.testing.assert_close(mod.weight.grad, want)
 
 
 def test_measured_choice_times_rows_only_when_enough_filters_go(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,7 +204,7 @@ def test_measured_choice_times_rows_only_when_enough_filters_go(monkeypatch: pyt
 
     timed: list[list[str]] = []
 
-    def record(mods, x, margin=FASTEST_MARGIN):  # type: ignore[no-untyped-def]
+    def record(mods, x, margin=FASTEST_MARGIN, **kw):  # type: ignore[no-untyped-def]
         timed.append(list(mods))
         return next(iter(mods))
 

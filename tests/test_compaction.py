@@ -99,8 +99,8 @@ def test_compacted_model_round_trips_through_state_dict_and_plan(tmp_path) -> No
     x = torch.randn(2, 3, 32, 32)
     fast = compact(model, x, measure=False)
     plan = json.loads(json.dumps(compaction_plan(fast)))  # the plan is plain JSON
-    assert plan["version"] == 2 and plan["convs"]
-    assert all(spec["impl"] in ("fused", "rows") for spec in plan["convs"].values())
+    assert plan["version"] == 3 and plan["convs"]
+    assert all(spec["impl"] == "auto" for spec in plan["convs"].values())  # the structure, not a kernel choice
     assert plan["channels"]["out_keep"]  # zero filters coupled through BN / the next conv were removed
     torch.save(fast.state_dict(), tmp_path / "compact.pt")
     fresh = apply_compaction_plan(resnet20().eval(), plan)

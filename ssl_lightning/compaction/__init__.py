@@ -11,7 +11,9 @@ Stages, on a deep copy of the model (the original is untouched), in :mod:`~ssl_l
 2. every remaining ``nn.Conv2d`` whose lowered weight still has all-zero rows (filters) or columns
    (filter-shape fibers) becomes a drop-in :class:`CompactConv2d` (full-width output), and every
    ``nn.Linear`` with all-zero input columns a :class:`CompactLinear`
-   (:mod:`~ssl_lightning.compaction.layers`), unless the dense layer measures as fast on the layer's input.
+   (:mod:`~ssl_lightning.compaction.layers`), unless the dense layer measures as fast on the layer's input and
+   little is removed. Which implementation a compacted conv runs is decided where it runs (first inference
+   call per input shape, or a cost model), never stored; :func:`pin_kernels` fixes choices for deployment.
 
 The result is checked against the original on the example and random inputs; a mismatch raises
 :class:`CompactionError` naming the first layer that differs. :mod:`~ssl_lightning.compaction.plans` saves and
@@ -21,7 +23,15 @@ optimizer state through a compaction. Irregular (ℓ1) sparsity has its own infe
 """
 
 from ssl_lightning.compaction.channels import ChannelPlan, PaddedFoldConv2d, SparseChannelLRN
-from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
+from ssl_lightning.compaction.layers import (
+    CompactConv2d,
+    CompactLinear,
+    autotune_enabled,
+    kernel_choices,
+    modeled_choice,
+    pin_kernels,
+    set_autotune,
+)
 from ssl_lightning.compaction.optim_state import transfer_optimizer_state
 from ssl_lightning.compaction.plans import (
     CHECKPOINT_KEY,
@@ -51,11 +61,16 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "apply_compaction_plan",
+    "autotune_enabled",
     "compact",
     "compact_with_info",
     "compaction_plan",
     "compaction_plans",
+    "kernel_choices",
+    "modeled_choice",
+    "pin_kernels",
     "restore_compaction",
+    "set_autotune",
     "sparsify",
     "transfer_optimizer_state",
 ]

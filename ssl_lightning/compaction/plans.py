@@ -5,14 +5,14 @@ state_dicts of compacted models loadable."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan
 from ssl_lightning.compaction.depth import apply_depth_plan
-from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
+from ssl_lightning.compaction.layers import Choice, CompactConv2d, CompactLinear
 
 __all__ = [
     "CHECKPOINT_KEY",
@@ -25,19 +25,21 @@ __all__ = [
     "restore_compaction",
 ]
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: a conv's "impl" is its pin ("auto": chosen where it runs); 1-2 stored the choice made
 PLAN_ATTR = "_ssl_lightning_plan"  # depth + channel plan ride on the compacted model (kept by deepcopy)
 
 
 def compaction_plan(model: nn.Module) -> dict[str, Any]:
     """A JSON-serializable description of how ``model`` was compacted: the channels each module keeps and every
-    :class:`CompactConv2d` (kept rows / columns, implementation). Enough to rebuild the module structure from a
-    freshly built model before loading the compacted weights (see :func:`apply_compaction_plan`)."""
+    :class:`CompactConv2d` (kept rows / columns, and its pinned implementation or ``"auto"``: a choice made by
+    measurement is not part of the plan, the machine that runs the model makes its own). Enough to rebuild the
+    module structure from a freshly built model before loading the compacted weights
+    (see :func:`apply_compaction_plan`)."""
     convs: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, CompactConv2d):
             convs[name] = {
-                "impl": mod.impl,
+                "impl": mod.pinned or "auto",
                 "compact_output": mod.compact_output,
                 "align": mod.align,
                 "row_idx": mod.row_idx.tolist(),
@@ -61,12 +63,14 @@ def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     ``load_state_dict``): zero residual branches are cut out, channels are sliced, then the named ``nn.Conv2d``
     layers become :class:`CompactConv2d`.
 
-    Also accepts the version-1 plan (a mapping of conv name -> spec, convs only).
+    Also accepts version-1 plans (a mapping of conv name -> spec, convs only) and version-2 plans; their
+    "impl" was the choice made where the model was compacted: it is not kept (the layers choose again here),
+    and their state dicts, which hold each weight in that implementation's layout, load all the same.
     Raises ``ValueError`` naming the layer when the model does not match the plan.
     """
     if "version" not in plan:  # version 1: {conv name: spec}
         plan = {"version": 1, "channels": ChannelPlan().to_dict(), "convs": plan}
-    if plan["version"] not in (1, PLAN_VERSION):
+    if plan["version"] not in (1, 2, PLAN_VERSION):
         raise ValueError(
             f"compaction plan version {plan['version']!r} is not supported (this is version {PLAN_VERSION})"
         )
@@ -92,7 +96,10 @@ def apply_compaction_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             raise ValueError(f"compaction plan for {name!r} does not fit its conv ({conv})")
         for g in range(groups):
             cols[g, torch.tensor(col_idx[col_ptr[g] : col_ptr[g + 1]], dtype=torch.long)] = True
-        fast = CompactConv2d(conv, rows, cols, spec["impl"], spec["compact_output"], spec.get("align", 8))
+        impl = spec.get("impl", "auto") if plan["version"] >= 3 else "auto"
+        if impl not in ("auto", "fused", "rows", "dense"):
+            raise ValueError(f"compaction plan for {name!r}: impl must be auto, fused, rows or dense, got {impl!r}")
+        fast = CompactConv2d(conv, rows, cols, cast(Choice, impl), spec["compact_output"], spec.get("align", 8))
         model.set_submodule(name, fast)
     for name, spec in plan.get("linears", {}).items():
         try:

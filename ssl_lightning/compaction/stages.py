@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compaction.depth import plan_and_remove_depth
-from ssl_lightning.compaction.layers import CompactConv2d, CompactLinear
+from ssl_lightning.compaction.layers import COMPACT_MAX_KEPT_WORK, CompactConv2d, CompactLinear
 from ssl_lightning.compaction.plans import PLAN_ATTR
 from ssl_lightning.graph import capture_inputs, own_forward
 from ssl_lightning.ops import lowered_nonzero
@@ -122,10 +122,12 @@ def compact_with_info(
     """Return a compacted copy of ``model`` (the original is untouched), built and checked in eval mode
     (BN running statistics; constants are folded for them) and returned in the mode ``model`` was in.
 
-    measure: pick each layer's implementation by timing it on the input it sees for ``example_inputs``
-    (else from the kept fractions). align: kept channel counts (and the row-only conv's filter counts)
-    are rounded up to a multiple of this, since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the
-    needed channels. channels: cut zero residual branches and remove channels across layers (stages 0-1).
+    measure: time each layer's implementations on the input it sees for ``example_inputs`` now (else from
+    the kept fractions); a conv that runs dense here but has more than 20 % of its MACs removed is compacted
+    all the same, since the machine that runs the model chooses again (:class:`CompactConv2d`).
+    align: kept channel counts (and the row-only conv's filter counts) are rounded up to a multiple of this,
+    since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the needed channels.
+    channels: cut zero residual branches and remove channels across layers (stages 0-1).
     shapes: swap layers with remaining zero rows / columns for ``CompactConv2d`` / ``CompactLinear``
     (stage 2); ``shapes=False`` leaves only plain PyTorch modules (e.g. for ONNX export).
     verify: check the compacted model against the original on the example and two random inputs of the
@@ -187,7 +189,10 @@ def compact_with_info(
                 warnings.warn(f"compact: {name} is not reached by the example inputs; left dense", stacklevel=2)
                 continue
             fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
-            if fast.impl == "dense":  # the dense conv is as fast: keep the plain module (no wrapper on the hot path)
+            if fast.impl == "dense" and fast.kept_work > COMPACT_MAX_KEPT_WORK:
+                # the dense conv is as fast here and little is removed: keep the plain module (no wrapper on the
+                # hot path). A layer with more to gain is compacted even when this machine (busy, or another
+                # ISA) runs it dense: the machine that runs the model chooses again.
                 result.kept_dense.append(name)
                 continue
             new.set_submodule(name, fast.eval())
