@@ -223,4 +223,4 @@ def test_measured_choice_times_rows_only_when_enough_filters_go(monkeypatch: pyt
     assert timed == [["dense", "rows", "fused"]]
     timed.clear()
     assert CompactConv2d.from_conv(sparse_conv(8, 32, 3, rows=0.0, cols=0.0), example_input=x).impl == "dense"
-    assert timed == []  # nothing removed: nothing to time
+    assert timed == [["dense", "fused"]]  # nothing removed: the fused op may still beat a weak dense kernel

@@ -108,6 +108,12 @@ def _kernel_for(x: Tensor) -> str:
         return "unavailable"
 
 
+def _mode_active() -> bool:
+    """Whether a torch function / dispatch mode watches this call (a FLOP counter, a graph recorder, a fake
+    tensor trace): timing candidates there would be counted or recorded as the model's own work."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+
+
 class CompactConv2d(nn.Module):
     """Build with :meth:`from_conv`. ``forward(x)`` equals the source conv's forward (full-width output:
     removed filters output their bias), or only the kept channels with ``compact_output=True``.
@@ -243,7 +249,7 @@ class CompactConv2d(nn.Module):
         key = self._key(x)
         impl = self._choices.get(key)
         if impl is None:
-            if _autotune and not torch.is_grad_enabled():  # inference: measure once for this kind of input
+            if _autotune and not torch.is_grad_enabled() and not _mode_active():  # inference: measure once
                 impl = self._choices[key] = self._measure(x)
             else:
                 impl = self._modeled.get(key)
@@ -261,14 +267,13 @@ class CompactConv2d(nn.Module):
         # it is timed only when at most COMPACT_MAX_KEPT_WORK of the filters remain (above that its best case
         # is inside timing noise; AlexNet conv1 at batch 16, 90.6 % kept, once chose it and ran at 0.84x).
         # The fused op is always timed: it can beat the dense conv by more than the removed work where
-        # oneDNN is weak (LeNet conv1, one input channel). With compact output the dense conv pays a gather
-        # of the kept channels as well, so both are timed.
+        # oneDNN is weak (LeNet conv1, one input channel, even with every filter kept). With compact output the
+        # dense conv pays a gather of the kept channels as well, so both are timed.
         candidates: list[Impl] = ["dense"]
         limit = 1.0 if self.compact_output else COMPACT_MAX_KEPT_WORK
         if self.kept_filters < 1.0 and self.kept_filters <= limit:
             candidates.append("rows")
-        if self.kept_filters < 1.0 or self.columns_removed:  # the fused op skips removed rows as well as columns
-            candidates.append("fused")
+        candidates.append("fused")  # also with nothing removed: it beats oneDNN where that is weak (few channels)
         return candidates
 
     def _measure(self, x: Tensor) -> Impl:

@@ -16,7 +16,12 @@ from torch.utils._pytree import tree_flatten
 
 from ssl_lightning.compaction.channels import ChannelPlan, apply_channel_plan, plan_channel_removal
 from ssl_lightning.compaction.depth import plan_and_remove_depth
-from ssl_lightning.compaction.layers import COMPACT_MAX_KEPT_WORK, CompactConv2d, CompactLinear
+from ssl_lightning.compaction.layers import (
+    COMPACT_MAX_KEPT_WORK,
+    CompactConv2d,
+    CompactLinear,
+    _numeric_zero_padding,
+)
 from ssl_lightning.compaction.plans import PLAN_ATTR
 from ssl_lightning.graph import capture_inputs, own_forward
 from ssl_lightning.ops import lowered_nonzero
@@ -183,17 +188,21 @@ def compact_with_info(
         result = CompactionResult(new, channels=plan, depth=depth, notes=notes)
         for name, conv in convs.items():
             rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
-            if bool(rows.all()) and bool(cols.all()):
-                continue  # nothing learned to remove
+            removed = not (bool(rows.all()) and bool(cols.all()))
+            if not removed and not (measure and name in seen):
+                continue  # nothing learned to remove (and no measurement that the fused op runs it faster)
             if name not in seen:
                 warnings.warn(f"compact: {name} is not reached by the example inputs; left dense", stacklevel=2)
+                continue
+            if not removed and not _numeric_zero_padding(conv):
                 continue
             fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
             if fast.impl == "dense" and fast.kept_work > COMPACT_MAX_KEPT_WORK:
                 # the dense conv is as fast here and little is removed: keep the plain module (no wrapper on the
                 # hot path). A layer with more to gain is compacted even when this machine (busy, or another
                 # ISA) runs it dense: the machine that runs the model chooses again.
-                result.kept_dense.append(name)
+                if removed:
+                    result.kept_dense.append(name)
                 continue
             new.set_submodule(name, fast.eval())
             result.replaced[name] = fast.impl
