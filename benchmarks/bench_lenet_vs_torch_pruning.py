@@ -7,7 +7,8 @@ LeNet-3 structure (3 and 12 filters: 5.3 % of the conv MACs), on the embedded MN
 Per seed, the same data split, optimizer (SGD 0.9, lr 0.02, weight decay 5e-4, batch 64) and 20-epoch budget:
     SSL            2 dense, 14 group-lasso (filter and channel groups of conv1/conv2, λ ``--lam``), 4 fine-tune
                    epochs (``StructuredSparsity``); then ``compact`` (channels removed across layers, remaining
-                   zero rows / columns as ``CompactConv2d``), at ``align`` 8 (the default) and 1
+                   zero rows / columns as ``CompactConv2d``): the default (``align="auto"``: each channel count
+                   exact or rounded up to 8, whichever its layers run faster here), and fixed ``align`` 8 and 1
     Torch-Pruning  10 dense epochs, one-shot L1-magnitude pruning of conv1 to 3 and conv2 to 12 filters
                    (``MagnitudePruner``: conv2's inputs and fc1's columns follow), 10 fine-tune epochs
 Every model is then timed side by side in one process (``interleaved_times``: round robin, best block of each)
@@ -140,6 +141,7 @@ def main() -> None:
         ssl_net = train_ssl(seed, args.lam, args.epochs, data)
         tp_net, dense_acc = train_torch_pruning(seed, args.epochs, data)
         models = {
+            "SSL, compact (default)": compact(ssl_net, xval[:64]),
             "SSL, compact align 8": compact(ssl_net, xval[:64], align=8),
             "SSL, compact align 1": compact(ssl_net, xval[:64], align=1),
             "Torch-Pruning LeNet-3": tp_net,
@@ -165,7 +167,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for batch in args.batch:
-        for k in ("SSL, compact align 8", "SSL, compact align 1", "Torch-Pruning LeNet-3"):
+        for k in ("SSL, compact (default)", "SSL, compact align 8", "SSL, compact align 1", "Torch-Pruning LeNet-3"):
             rs = [r for r in rows if r["batch"] == batch and r["model"] == k]
             sp = [r["speedup"] for r in rs]
             per_seed = ", ".join(f"{r['speedup']:.2f}" + ("*" if r["noise"] > NOISE_LIMIT else "") for r in rs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -126,7 +126,7 @@ class SparsityCallback(Callback):
         log_histograms: bool,
         compact_at_end: str | None,
         compact_batch: int,
-        compact_align: int,
+        compact_align: int | Literal["auto"],
         compact_when: str,
         schedule_arg: str = "lambda_schedule",
     ) -> None:
@@ -144,8 +144,10 @@ class SparsityCallback(Callback):
             )
         if not isinstance(compact_batch, int) or compact_batch < 1:
             raise ValueError(f"compact_batch must be an int >= 1, got {compact_batch!r}")
-        if not isinstance(compact_align, int) or compact_align < 1:
-            raise ValueError(f"compact_align must be an int >= 1, got {compact_align!r}")
+        if compact_align != "auto" and (
+            isinstance(compact_align, bool) or not isinstance(compact_align, int) or compact_align < 1
+        ):
+            raise ValueError(f"compact_align must be 'auto' or an int >= 1, got {compact_align!r}")
         _check_choice("compact_when", compact_when, ("fit_end", "prune"))
         self.schedule = PhaseSchedule.from_intervals(phases or {"ssl": [0, None]}, unit=unit)  # type: ignore[arg-type]
         if compact_when == "prune" and (compact_at_end is None or self.schedule.ssl_end is None):

@@ -260,3 +260,35 @@ def test_no_timing_under_a_flop_counter_or_a_recorder(monkeypatch: pytest.Monkey
     with torch.no_grad():
         mod(x)  # unwatched: measured now
     assert len(timer.calls) == 1
+
+
+@pytest.mark.parametrize(("faster", "kept"), [("exact", 3), ("rounded", 8)])
+def test_align_auto_keeps_the_channel_count_its_layers_run_faster(
+    monkeypatch: pytest.MonkeyPatch, faster: str, kept: int
+) -> None:
+    """align="auto": per channel space, the exact count or the one rounded up to 8, by timing the space's
+    producer and consumer at both widths (stand-in timings here); without measurement, the cost model."""
+    import ssl_lightning.compaction.channels as channels
+    from ssl_lightning.compaction import compact_with_info
+
+    def stand_in(fns, rounds=5, **kw):  # type: ignore[no-untyped-def]
+        for f in fns.values():
+            f()  # the stand-in layers of both widths run
+        exact, rounded = sorted(fns)
+        return {exact: 1.0 if faster == "rounded" else 0.5, rounded: 0.5 if faster == "rounded" else 1.0}
+
+    monkeypatch.setattr(channels, "interleaved_times", stand_in)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.Conv2d(20, 16, 5)).eval()
+    with torch.no_grad():
+        net[0].weight[3:] = 0  # 3 of 20 filters learned
+        net[0].bias[3:] = 0
+    x = torch.randn(2, 1, 16, 16)
+    info = compact_with_info(net, x, channels=True, shapes=False)
+    assert info.model[0].out_channels == kept and info.model[2].in_channels == kept
+    torch.testing.assert_close(info.model(x), net(x), rtol=1e-4, atol=1e-5)
+    unmeasured = compact_with_info(net, x, measure=False, shapes=False)
+    assert unmeasured.model[0].out_channels == 3  # the cost model: 5 extra channels are more than 25 % of 3
+    assert channels.modeled_count(30, 32) == 32 and channels.modeled_count(3, 8) == 3
+    with pytest.raises(ValueError, match="align must be 'auto' or an integer >= 1, got 0"):
+        compact_with_info(net, x, align=0)

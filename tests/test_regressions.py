@@ -404,7 +404,7 @@ def test_a_compacted_state_dict_loads_into_a_fresh_dense_module() -> None:
         trained.net.conv1.weight[3:] = 0
         trained.net.conv2.weight[:, :, 0] = 0
     x = torch.randn(2, 3, 8, 8)
-    trained.net = compact(trained.net, x, measure=False)
+    trained.net = compact(trained.net, x, measure=False, align=8)  # 8 channels kept: conv2 stays a CompactConv2d
     state = trained.state_dict()
     assert STATE_DICT_KEY in state
     fresh = Lit()

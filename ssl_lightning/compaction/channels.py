@@ -26,13 +26,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning.graph import ChannelSpace, analyze, capture_inputs, own_forward
+from ssl_lightning.timing import choose, interleaved_times
 
 __all__ = ["ChannelPlan", "PaddedFoldConv2d", "SparseChannelLRN", "apply_channel_plan", "plan_channel_removal"]
 
@@ -279,12 +281,16 @@ def plan_channel_removal(
     *,
     align: int = 1,
     rtol: float = 1e-6,
+    counts: Literal["fixed", "modeled", "measured"] = "fixed",
 ) -> tuple[ChannelPlan, dict[str, Tensor]]:
     """Decide which channels ``model`` (in eval mode) can lose, and the bias corrections that keep outputs equal.
 
     trials: input tuples for measuring constant channels (``run(model, trial)`` runs the model on one).
     align: round every space's kept channel count up to a multiple of this (keeping the removable
     channels with the largest weights), since oneDNN/cuDNN run slower on odd channel counts.
+    counts: "fixed" rounds every space up to ``align``; "measured" keeps a space's exact count unless the
+    rounded one runs its producer and consumer layers measurably faster on their inputs here
+    (:func:`aligned_count`); "modeled" decides per space by :func:`modeled_count`.
     Returns the plan and the values to fold: per consumer, the bias correction [out] to add, and for a
     zero-padded consumer ``"<name>#fold_weight"`` / ``"<name>#fold_value"`` (see :class:`PaddedFoldConv2d`).
     """
@@ -294,7 +300,11 @@ def plan_channel_removal(
     modules = dict(model.named_modules())
     plan = ChannelPlan(unsupported=list(dict.fromkeys(analysis.unsupported)))
     consumers = sorted({c for sp in analysis.spaces for c, _, _ in sp.consumers})
-    measured = capture_inputs(model, consumers, trials, run)
+    if counts not in ("fixed", "modeled", "measured"):
+        raise ValueError(f"counts must be 'fixed', 'modeled' or 'measured', got {counts!r}")
+    measure = counts == "measured"
+    producers = sorted({p for sp in analysis.spaces for p in sp.producers} - set(consumers)) if measure else []
+    measured = capture_inputs(model, consumers + producers, trials, run)
     corrections: dict[str, Tensor] = {}
     padded: dict[str, tuple[Tensor, Tensor]] = {}  # consumer -> (dense taps [out, R, kh, kw], values [R])
     in_masks: dict[str, Tensor] = {}
@@ -333,7 +343,12 @@ def plan_channel_removal(
             folds.append((name, off, hw, torch.where(ignored[:, None], torch.zeros_like(values), values)))
         if sp.zero_only:  # LRN: a removed channel must add nothing to its neighbours' windows
             removable &= zero
-        removable = _equal_blocks(_align(removable, sp, modules, align), sp, modules, align)
+        count: Callable[[int, int], int] | None = None
+        if counts == "measured":
+            count = partial(aligned_count, sp, modules, measured)
+        elif counts == "modeled":
+            count = modeled_count
+        removable = _equal_blocks(_align(removable, sp, modules, align, count), sp, modules, align)
         removable = _whole_norm_groups(removable, sp, modules)
         if removable.all():  # keep one channel: a zero-width layer is a depth removal, done elsewhere
             removable[0] = False
@@ -449,10 +464,85 @@ def _producer_norms(sp: ChannelSpace, modules: dict[str, nn.Module], n: int) -> 
     return score
 
 
-def _align(removable: Tensor, sp: ChannelSpace, modules: dict[str, nn.Module], align: int) -> Tensor:
+# Cost model of the kept channel count: rounding up to the alignment pays when the added channels are a small
+# share of the kept ones; a handful of channels (LeNet's 2-3 conv1 filters) runs faster exact than padded to 8.
+ALIGN_MAX_EXTRA = 0.25
+
+
+def modeled_count(kept: int, target: int) -> int:
+    """The kept channel count the cost model runs: ``target`` (rounded up) when it adds at most
+    ``ALIGN_MAX_EXTRA`` of ``kept``, else ``kept``."""
+    return target if target - kept <= ALIGN_MAX_EXTRA * kept else kept
+
+
+def aligned_count(
+    sp: ChannelSpace, modules: dict[str, nn.Module], measured: dict[str, list[Tensor]], kept: int, target: int
+) -> int:
+    """``kept`` or ``target`` channels for space ``sp``, whichever runs its producer and consumer layers faster
+    on their captured inputs (stand-in layers of the two widths, timed side by side; the exact count is the
+    baseline and the rounded one must win by ``FASTEST_MARGIN``). Spaces whose layers cannot be rebuilt at
+    another width (grouped convs, concatenations, other modules) get :func:`modeled_count`."""
+    layers: list[tuple[nn.Module, Tensor, str]] = []  # module, captured input, role
+    for name in sp.producers:
+        mod, xs = modules[name], measured.get(name)
+        if not xs or not isinstance(mod, (nn.Conv2d, nn.Linear)) or getattr(mod, "groups", 1) != 1:
+            return modeled_count(kept, target)
+        layers.append((mod, xs[0], "producer"))
+    for name, off, hw in sp.consumers:
+        mod, xs = modules[name], measured.get(name)
+        n = sp.size or 0
+        fits = (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.in_channels == n) or (
+            isinstance(mod, nn.Linear) and mod.in_features == n * hw
+        )
+        if not xs or off != 0 or not fits:
+            return modeled_count(kept, target)
+        layers.append((mod, xs[0], "consumer"))
+    if not layers:
+        return modeled_count(kept, target)
+
+    def stand_ins(c: int) -> Callable[[], object]:
+        runs: list[tuple[nn.Module, Tensor]] = []
+        for mod, x, role in layers:
+            if isinstance(mod, nn.Conv2d):
+                cin, cout = (mod.in_channels, c) if role == "producer" else (c, mod.out_channels)
+                geometry: dict[str, Any] = {
+                    k: getattr(mod, k) for k in ("kernel_size", "stride", "padding", "dilation")
+                }
+                new: nn.Module = nn.Conv2d(
+                    cin, cout, **geometry, bias=mod.bias is not None, padding_mode=mod.padding_mode
+                )
+                if role == "consumer":
+                    x = torch.randn(x.shape[0], c, *x.shape[2:], dtype=x.dtype)
+            else:
+                assert isinstance(mod, nn.Linear)
+                hw = mod.in_features // (sp.size or 1)
+                fin, fout = (mod.in_features, c) if role == "producer" else (c * hw, mod.out_features)
+                new = nn.Linear(fin, fout, bias=mod.bias is not None)
+                if role == "consumer":
+                    x = torch.randn(*x.shape[:-1], c * hw, dtype=x.dtype)
+            runs.append((new.to(dtype=x.dtype, device=x.device).eval(), x))
+        return lambda: [m(x) for m, x in runs]
+
+    with torch.inference_mode():
+        times = interleaved_times({kept: stand_ins(kept), target: stand_ins(target)}, 5, block_seconds=0.01,
+                                  stat="min")  # fmt: skip
+    return choose(times)
+
+
+def _align(
+    removable: Tensor,
+    sp: ChannelSpace,
+    modules: dict[str, nn.Module],
+    align: int,
+    count: Callable[[int, int], int] | None = None,
+) -> Tensor:
+    """``removable`` with enough channels brought back to keep a multiple of ``align`` (or, with ``count``,
+    as many as ``count(kept, rounded)`` says)."""
     n = removable.numel()
     kept = int((~removable).sum())
     target = min(n, -(-max(kept, 1) // align) * align)
+    if target > kept and count is not None:
+        target = count(kept, target)
     if target <= kept:
         return removable
     score = _producer_norms(sp, modules, n)  # bring back the removable channels with the largest weights

@@ -7,7 +7,7 @@ import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +91,7 @@ def compact(
     example_inputs: Tensor | Sequence[Tensor],
     *,
     measure: bool = True,
-    align: int = 8,
+    align: int | Literal["auto"] = "auto",
     channels: bool = True,
     shapes: bool = True,
     verify: bool = True,
@@ -117,7 +117,7 @@ def compact_with_info(
     example_inputs: Tensor | Sequence[Tensor],
     *,
     measure: bool = True,
-    align: int = 8,
+    align: int | Literal["auto"] = "auto",
     channels: bool = True,
     shapes: bool = True,
     verify: bool = True,
@@ -131,7 +131,10 @@ def compact_with_info(
     the kept fractions); a conv that runs dense here but has more than 20 % of its MACs removed is compacted
     all the same, since the machine that runs the model chooses again (:class:`CompactConv2d`).
     align: kept channel counts (and the row-only conv's filter counts) are rounded up to a multiple of this,
-    since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the needed channels.
+    since oneDNN/cuDNN are slower on odd counts; 1 keeps exactly the needed channels. "auto" (default): per
+    channel space, the exact count or the one rounded up to 8, whichever runs the space's producer and
+    consumer layers faster on their inputs here (``measure=True``), else by the cost model
+    (``channels.modeled_count``: rounded when that adds at most 25 % of the kept channels).
     channels: cut zero residual branches and remove channels across layers (stages 0-1).
     shapes: swap layers with remaining zero rows / columns for ``CompactConv2d`` / ``CompactLinear``
     (stage 2); ``shapes=False`` leaves only plain PyTorch modules (e.g. for ONNX export).
@@ -139,8 +142,12 @@ def compact_with_info(
     same shapes; raise :class:`CompactionError` naming the first layer whose output differs beyond
     ``rtol``/``atol`` (relative to the layer's output scale).
     """
-    if not isinstance(align, int) or align < 1:
-        raise ValueError(f"align must be an integer >= 1, got {align!r}")
+    if align != "auto" and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise ValueError(f"align must be 'auto' or an integer >= 1, got {align!r}")
+    step = 8 if align == "auto" else align
+    counts: Literal["fixed", "modeled", "measured"] = (
+        ("measured" if measure else "modeled") if align == "auto" else "fixed"
+    )
     inputs = _as_tuple(example_inputs)
     was_training = model.training
     original = model
@@ -157,7 +164,7 @@ def compact_with_info(
             trials = _trials(inputs)
             depth, notes = plan_and_remove_depth(new, trials, _run)
             try:
-                plan, corrections = plan_channel_removal(new, trials, _run, align=align)
+                plan, corrections = plan_channel_removal(new, trials, _run, align=step, counts=counts)
             except RuntimeError as err:  # the model fails while channels are measured: convs are still swapped
                 warnings.warn(f"compact: channel removal skipped: {err}", stacklevel=2)
             else:
@@ -196,7 +203,7 @@ def compact_with_info(
                 continue
             if not removed and not _numeric_zero_padding(conv):
                 continue
-            fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=align)
+            fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=step)
             if fast.impl == "dense" and fast.kept_work > COMPACT_MAX_KEPT_WORK:
                 # the dense conv is as fast here and little is removed: keep the plain module (no wrapper on the
                 # hot path). A layer with more to gain is compacted even when this machine (busy, or another

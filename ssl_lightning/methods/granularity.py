@@ -188,7 +188,7 @@ class GranularityPruning(SparsityCallback):
         log_histograms: bool = True,
         compact_at_end: str | None = None,
         compact_batch: int = 32,
-        compact_align: int = 8,
+        compact_align: int | Literal["auto"] = "auto",
         compact_when: Literal["fit_end", "prune"] = "fit_end",
     ) -> None:
         _check_choice("granularity", granularity, tuple(GRANULARITIES))

@@ -73,7 +73,8 @@ class StructuredSparsity(SparsityCallback):
             ``compact_batch`` samples of the first training batch. Parameters, MACs and measured latency,
             dense vs compacted, go to the trainer's loggers (``compaction/...``) and to :attr:`compaction`.
         compact_batch: number of samples used to check and time the compaction.
-        compact_align: kept channel counts are rounded up to a multiple of this (1: exact), see ``compact``.
+        compact_align: kept channel counts are rounded up to a multiple of this (1: exact; "auto": exact or
+            rounded up to 8 per channel space, measured or modeled), see ``compact``.
         compact_when: ``"fit_end"`` (default) or ``"prune"``: compact at the end of the SSL phase, right after
             pruning, so fine-tuning trains the smaller model; optimizer state (momentum, Adam moments) is carried
             through the compaction plan and LR schedulers keep their state. Needs a ``finetune`` phase.
@@ -106,7 +107,7 @@ class StructuredSparsity(SparsityCallback):
         log_histograms: bool = True,
         compact_at_end: str | None = None,
         compact_batch: int = 32,
-        compact_align: int = 8,
+        compact_align: int | Literal["auto"] = "auto",
         compact_when: Literal["fit_end", "prune"] = "fit_end",
     ) -> None:
         validate_lambdas(lambdas)

@@ -277,7 +277,7 @@ class ParameterizedPruning(SparsityCallback):
         log_histograms: bool = True,
         compact_at_end: str | None = None,
         compact_batch: int = 32,
-        compact_align: int = 8,
+        compact_align: int | Literal["auto"] = "auto",
     ) -> None:
         if not isinstance(structures, Mapping) or not structures:
             raise ValueError(
