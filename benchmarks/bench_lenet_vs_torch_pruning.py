@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssl_lightning import StructuredSparsity, compact
+from ssl_lightning import CompactConv2d, StructuredSparsity, compact
 from ssl_lightning.data import MNIST5kDataModule
 from ssl_lightning.models import ImageClassifier, LeNet
 from ssl_lightning.timing import NOISE_LIMIT, interleaved_times
@@ -73,6 +73,21 @@ def conv_macs(net: nn.Module, x: Tensor) -> float:
         if "convolution" in str(op) or "compact_conv2d" in str(op):
             flops += n
     return flops / 2
+
+
+def structure(net: nn.Module) -> str:
+    """Kept filters of conv1 / conv2 and conv2's kept input channels, e.g. "3-12 (3)"."""
+    out = []
+    for name in ("conv1", "conv2"):
+        m = getattr(net, name)
+        if isinstance(m, CompactConv2d):
+            filters = m.row_idx.numel()
+            taps = m.kernel_size[0] * m.kernel_size[1]
+            channels = len({int(c) // taps for c in m.col_idx})
+        else:
+            filters, channels = m.out_channels, m.in_channels
+        out.append((filters, channels))
+    return f"{out[0][0]}-{out[1][0]} ({out[1][1]})"
 
 
 def train_ssl(seed: int, lam: float, epochs: int, data: MNIST5kDataModule) -> nn.Module:
@@ -148,13 +163,14 @@ def main() -> None:
         }
         accs = {k: accuracy(m, data) for k, m in models.items()}
         macs = {k: conv_macs(m, xval[:1]) / dense_macs for k, m in models.items()}
+        shapes = {k: structure(m) for k, m in models.items()}
         for batch in args.batch:
             x = xval[:batch] if batch <= len(xval) else xval.repeat(-(-batch // len(xval)), 1, 1, 1)[:batch]
             t, spreads = timed({"dense": copy.deepcopy(dense_net), **models}, x, args.rounds)
             for k in models:
                 noise = max(spreads["dense"], spreads[k])
                 rows.append({"seed": seed, "batch": batch, "model": k, "acc": accs[k], "dense_acc": dense_acc,
-                             "macs": macs[k], "speedup": t["dense"] / t[k], "noise": noise,
+                             "macs": macs[k], "structure": shapes[k], "speedup": t["dense"] / t[k], "noise": noise,
                              "dense_ms": 1e3 * t["dense"]})  # fmt: skip
                 flag = " (noisy)" if noise > NOISE_LIMIT else ""
                 print(f"seed {seed} batch {batch:4d} {k:24s} acc {100 * accs[k]:.2f} % conv MACs "
@@ -174,7 +190,8 @@ def main() -> None:
             sd = statistics.stdev(sp) if len(sp) > 1 else 0.0
             lines.append(
                 f"| {k} | {batch} | {100 * statistics.fmean(r['acc'] for r in rs):.2f} | "
-                f"{100 * statistics.fmean(r['macs'] for r in rs):.2f} | {statistics.fmean(sp):.2f} ± {sd:.2f}× | "
+                f"{100 * statistics.fmean(r['macs'] for r in rs):.2f} | {', '.join(r['structure'] for r in rs)} | "
+                f"{statistics.fmean(sp):.2f} ± {sd:.2f}× | "
                 f"{per_seed} | {statistics.fmean(r['dense_ms'] for r in rs):.3f} |"
             )
     dense_accs = sorted({r["dense_acc"] for r in rows})

@@ -205,6 +205,10 @@ def test_inference_cache_of_the_dense_weight_follows_the_packed_weight(mode: str
     mod.pin("rows")
     with ctx():
         torch.testing.assert_close(mod(x), conv(x), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a layer built under inference mode holds inference tensors
+        built = CompactConv2d.from_conv(conv, impl="dense")
+        torch.testing.assert_close(built(x), conv(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(built.pin("rows")(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoints_of_the_per_choice_layouts_still_load() -> None:

@@ -370,7 +370,10 @@ class CompactConv2d(nn.Module):
         if torch.compiler.is_compiling() or torch.is_grad_enabled():
             dense = self._expand(w)
             return dense[self.rows_sel] if kind == "rows" else dense
-        key = (w._version, w.data_ptr(), w.device, w.dtype, self.rows_sel.device)
+        # an inference tensor (a layer built under inference_mode) has no version counter; it cannot be
+        # changed in place outside inference mode
+        version = -1 if w.is_inference() else w._version
+        key = (version, w.data_ptr(), w.device, w.dtype, self.rows_sel.device)
         hit = self._weights.get(kind)
         if hit is None or hit[0] != key:
             dense = self._expand(w)
