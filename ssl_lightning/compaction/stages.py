@@ -203,8 +203,15 @@ def compact_with_info(
                 continue
             if not removed and not _numeric_zero_padding(conv):
                 continue
-            fast = CompactConv2d.from_conv(conv, example_input=seen[name] if measure else None, align=step)
-            if fast.impl == "dense" and fast.kept_work > COMPACT_MAX_KEPT_WORK:
+            x = seen[name]
+            fast = CompactConv2d.from_conv(conv, example_input=x if measure else None, align=step)
+            chosen = fast.impl
+            # The wrapper also stays where the fused op wins on a single sample (deployments often run batch 1;
+            # oneDNN is weakest there on few channels), since it chooses per input shape where it runs.
+            keep_plain = chosen == "dense" and fast.kept_work > COMPACT_MAX_KEPT_WORK
+            if keep_plain and measure and x.dim() > 0 and x.shape[0] > 1:
+                keep_plain = fast.tune(x[:1]) == "dense"
+            if keep_plain:
                 # the dense conv is as fast here and little is removed: keep the plain module (no wrapper on the
                 # hot path). A layer with more to gain is compacted even when this machine (busy, or another
                 # ISA) runs it dense: the machine that runs the model chooses again.
@@ -212,7 +219,7 @@ def compact_with_info(
                     result.kept_dense.append(name)
                 continue
             new.set_submodule(name, fast.eval())
-            result.replaced[name] = fast.impl
+            result.replaced[name] = chosen
         for name, linear in linears.items():  # input features no upstream layer could drop (e.g. ignored pixels)
             if name in seen:
                 small = CompactLinear.from_linear(linear, seen[name] if measure else None)
