@@ -133,21 +133,16 @@ void gather_gemm_conv2d_avx2(const float* x, const float* weight, const int64_t*
   const int64_t *w_off = tb.w_off.data(), *fill = tb.fill.data(), *fill_ptr = tb.fill_ptr.data();
   const float* bias_kept = tb.bias_kept.data();
   const gather::TaskSplit split = gather::split_tasks(G, (tb.rows_max + kMR - 1) / kMR);
-  const int64_t panels = split.panels, base_tasks = split.base_tasks, rsplit = split.rsplit;
-  at::parallel_for(0, base_tasks * rsplit, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, split.base_tasks * split.rsplit, 1, [&](int64_t t0, int64_t t1) {
     gather::TaskScratch& ts = gather::task_scratch();
     float* const bpanel = gather::aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
     Panel& pn = ts.panel;
     float* crow[kMR];
     for (int64_t t = t0; t < t1; ++t) {
-      // the AVX-512 driver's task order: share outermost, so each thread keeps reading the same rows of A
-      const int64_t share = t / base_tasks, pb = t % panels, g = (t / panels) % G.groups;
-      const int64_t n = (t % base_tasks) / (panels * G.groups);
-      const int64_t r = row_ptr[g + 1] - row_ptr[g], k = col_ptr[g + 1] - col_ptr[g];
-      const int64_t blocks = (r + kMR - 1) / kMR;
-      const int64_t rb0 = blocks * share / rsplit, rb1 = blocks * (share + 1) / rsplit;
-      const int64_t p0 = pb * kNR, np = std::min<int64_t>(kNR, P - p0);
-      const uint32_t all = np == kNR ? 0xffffffffu : (1u << np) - 1u;
+      const gather::Task task = gather::task_at(t, split, G, row_ptr, col_ptr, kMR);
+      const int64_t share = task.share, n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0;
+      const int64_t rb1 = task.rb1, p0 = task.p0, np = task.np;
+      const uint32_t all = task.lanes;
       float* out_n = out + n * out_rows * P + p0;
       if (share == 0)  // this panel's slice of the removed filters' rows
         for (int64_t i = fill_ptr[g]; i < fill_ptr[g + 1]; ++i)

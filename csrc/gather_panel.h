@@ -3,6 +3,7 @@
 // offsets and taps, per-group weight offsets, kept bias, removed filters to fill) and the task split.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -73,5 +74,28 @@ struct TaskSplit {
   int64_t panels, base_tasks, rsplit;
 };
 TaskSplit split_tasks(const ConvGeometry& G, int64_t row_blocks_max);
+
+// Task t of a split: image n, group g (r kept filters, k kept columns), its share [rb0, rb1) of the group's
+// blocks of mr filters, and the panel's positions [p0, p0 + np) with their lane mask.
+struct Task {
+  int64_t share, n, g, r, k, rb0, rb1, p0, np;
+  uint32_t lanes;
+};
+inline Task task_at(int64_t t, const TaskSplit& S, const ConvGeometry& G, const int64_t* row_ptr,
+                    const int64_t* col_ptr, int64_t mr) {
+  Task task{};
+  // share outermost: consecutive tasks (one thread's range) cover the same rows of many panels, so the threads
+  // split the filters evenly and each keeps reading the same rows of A
+  task.share = t / S.base_tasks;
+  const int64_t pb = t % S.panels;
+  task.g = (t / S.panels) % G.groups;
+  task.n = (t % S.base_tasks) / (S.panels * G.groups);
+  task.r = row_ptr[task.g + 1] - row_ptr[task.g], task.k = col_ptr[task.g + 1] - col_ptr[task.g];
+  const int64_t blocks = (task.r + mr - 1) / mr;
+  task.rb0 = blocks * task.share / S.rsplit, task.rb1 = blocks * (task.share + 1) / S.rsplit;
+  task.p0 = pb * kNR, task.np = std::min<int64_t>(kNR, G.ho * G.wo - task.p0);
+  task.lanes = task.np == kNR ? 0xffffffffu : (1u << task.np) - 1u;
+  return task;
+}
 
 }  // namespace ssl_lightning::gather

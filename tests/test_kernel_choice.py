@@ -7,11 +7,10 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
 import pickle
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from ssl_lightning import CompactConv2d, apply_compaction_plan, compact, compact
 from ssl_lightning.compaction import kernel_choices, modeled_choice, pin_kernels, set_autotune
 from ssl_lightning.timing import FASTEST_MARGIN, choose
 
-from .test_compact_conv import _runs_here, compiled
+from .test_compact_conv import _env, _runs_here, compiled
 
 DATA = Path(__file__).parent / "data"
 
@@ -38,18 +37,9 @@ def autotune() -> Iterator[None]:
         set_autotune(False)
 
 
-@contextmanager
-def machine(isa: str) -> Iterator[None]:
+def machine(isa: str) -> AbstractContextManager[None]:
     """This process behaves as a CPU whose best kernel is ``isa`` (SSL_LIGHTNING_MAX_ISA)."""
-    old = os.environ.get("SSL_LIGHTNING_MAX_ISA")
-    os.environ["SSL_LIGHTNING_MAX_ISA"] = isa
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SSL_LIGHTNING_MAX_ISA"]
-        else:
-            os.environ["SSL_LIGHTNING_MAX_ISA"] = old
+    return _env("SSL_LIGHTNING_MAX_ISA", isa)
 
 
 class StandInTimer:
