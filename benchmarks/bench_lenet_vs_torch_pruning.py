@@ -91,13 +91,13 @@ def structure(net: nn.Module) -> str:
 
 
 def train_ssl(
-    seed: int, lam: float, filter_lam: float, epochs: int, finetune: int, data: MNIST5kDataModule
+    seed: int, lam: float, filter_lam: float, epochs: int, finetune: int, data: MNIST5kDataModule, couple: bool = False
 ) -> nn.Module:
     pl.seed_everything(seed, verbose=False)
     model = classifier(LeNet())
     dense_end, ssl_end = 2, epochs - finetune
     ssl = StructuredSparsity(
-        lambdas={"filter": filter_lam, "channel": lam}, include=["model.conv1", "model.conv2"],
+        lambdas={"filter": filter_lam, "channel": lam}, include=["model.conv1", "model.conv2"], couple=couple,
         phases={"dense": [0, dense_end], "ssl": [dense_end, ssl_end], "finetune": [ssl_end, None]},
     )  # fmt: skip
     trainer(epochs, [ssl]).fit(model, datamodule=data)
@@ -142,6 +142,10 @@ def main() -> None:
     p.add_argument("--lam", type=float, default=0.3, help="SSL λ for channel groups (and filter groups)")
     p.add_argument("--filter-lam", type=float, default=None, help="SSL λ for filter groups (default: --lam)")
     p.add_argument("--finetune", type=int, default=4, help="SSL fine-tune epochs at the end of the budget")
+    p.add_argument(
+        "--couple", action="store_true",
+        help="filter groups span the consumers' input columns too (conv2's and fc1's): SSL sees fc1's cost",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -158,7 +162,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed in args.seeds:
         filter_lam = args.lam if args.filter_lam is None else args.filter_lam
-        ssl_net = train_ssl(seed, args.lam, filter_lam, args.epochs, args.finetune, data)
+        ssl_net = train_ssl(seed, args.lam, filter_lam, args.epochs, args.finetune, data, args.couple)
         tp_net, dense_acc = train_torch_pruning(seed, args.epochs, data)
         models = {
             "SSL, compact (default)": compact(ssl_net, xval[:64]),
