@@ -75,12 +75,31 @@ std::string kernel_unavailable(Isa kernel, at::ScalarType dtype) {
   return "";
 }
 
-std::string kernel_unavailable(Isa kernel, at::ScalarType dtype, const ConvGeometry& G) {
-  std::string why = kernel_unavailable(kernel, dtype);
-  if (why.empty() && !gather_gemm_fits(G)) why = "the input is too large for its 32-bit gather offsets";
-  return why;
-}
+enum class Kernel { kAvx512, kAvx2, kLowered };
 
+// The kernel a call of dtype takes under SSL_LIGHTNING_GEMM (choice), SSL_LIGHTNING_MAX_ISA and this CPU; G, when
+// given, adds the panel kernels' geometry limit. A forced panel kernel that cannot run is an error saying why.
+Kernel select_kernel(const std::string& choice, at::ScalarType dtype, const ConvGeometry* G) {
+  if (choice == "onednn" || choice == "blas") return Kernel::kLowered;
+  auto unavailable = [&](Isa isa) {
+    std::string why = kernel_unavailable(isa, dtype);
+    if (why.empty() && G != nullptr && !gather_gemm_fits(*G))
+      why = "the input is too large for its 32-bit gather offsets";
+    return why;
+  };
+  if (choice != "avx2") {
+    const std::string why = unavailable(Isa::kAvx512);
+    TORCH_CHECK(choice != "gather" || why.empty(),
+                "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run this call (", c10::toString(dtype), "): ",
+                why, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a kernel this CPU runs)");
+    if (why.empty()) return Kernel::kAvx512;
+  }
+  const std::string why = unavailable(Isa::kAvx2);
+  TORCH_CHECK(choice != "avx2" || why.empty(), "SSL_LIGHTNING_GEMM=avx2: the AVX2 kernel cannot run this call (",
+              c10::toString(dtype), "): ", why, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a "
+              "kernel this CPU runs)");
+  return why.empty() ? Kernel::kAvx2 : Kernel::kLowered;
+}
 
 // oneDNN builds a matmul primitive per call (~35 us here), so it only pays off on larger GEMMs.
 constexpr double kOneDnnMinFlops = 32e6;
@@ -171,15 +190,14 @@ void lower_tile(const scalar_t* x, const int64_t* cols, int64_t k, int64_t group
 
 std::string cpu_kernel(at::ScalarType dtype) {
   const std::string choice = gemm_choice();
-  if (choice == "onednn" || choice == "blas") return choice;
-  const std::string no_avx512 = kernel_unavailable(Isa::kAvx512, dtype), no_avx2 = kernel_unavailable(Isa::kAvx2, dtype);
-  TORCH_CHECK(choice != "gather" || no_avx512.empty(), "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run ",
-              c10::toString(dtype), " calls here: ", no_avx512);
-  TORCH_CHECK(choice != "avx2" || no_avx2.empty(), "SSL_LIGHTNING_GEMM=avx2: the AVX2 kernel cannot run ",
-              c10::toString(dtype), " calls here: ", no_avx2);
-  if (choice != "avx2" && no_avx512.empty()) return "avx512";
-  if (no_avx2.empty()) return "avx2";
-  return at::hasMKLDNN() ? "onednn" : "blas";
+  switch (select_kernel(choice, dtype, nullptr)) {
+    case Kernel::kAvx512:
+      return "avx512";
+    case Kernel::kAvx2:
+      return "avx2";
+    default:
+      return at::hasMKLDNN() && choice != "blas" ? "onednn" : "blas";  // as the lowered path below decides
+  }
 }
 
 at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx_arg,
@@ -202,15 +220,8 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, input.options());
   if (G.n == 0) return out;
   const std::string choice = gemm_choice();  // once per call, not per tile
-  const std::string no_avx512 = kernel_unavailable(Isa::kAvx512, x.scalar_type(), G);
-  const std::string no_avx2 = kernel_unavailable(Isa::kAvx2, x.scalar_type(), G);
-  TORCH_CHECK(choice != "gather" || no_avx512.empty(), "SSL_LIGHTNING_GEMM=gather: the AVX-512 kernel cannot run ",
-              "this call: ", no_avx512, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a kernel "
-              "this CPU runs)");
-  TORCH_CHECK(choice != "avx2" || no_avx2.empty(), "SSL_LIGHTNING_GEMM=avx2: the AVX2 kernel cannot run this call: ",
-              no_avx2, ". Unset SSL_LIGHTNING_GEMM or set it to auto (the op then picks a kernel this CPU runs)");
-  const bool lowered = choice == "onednn" || choice == "blas";
-  if (!lowered && no_avx512.empty() && choice != "avx2") {
+  const Kernel kernel = select_kernel(choice, x.scalar_type(), &G);
+  if (kernel == Kernel::kAvx512) {
     // writes every output row itself (removed filters' bias included), in one parallel region
     const at::Tensor wc = weight.contiguous();
     const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -225,7 +236,7 @@ at::Tensor compact_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     });
     return out;
   }
-  if (!lowered && no_avx2.empty()) {
+  if (kernel == Kernel::kAvx2) {
     // fp32 kernel; bf16 / fp16 are widened once (input, weight, bias) and the fp32 result rounded once per
     // value, as the AVX-512 kernel rounds its fp32 accumulators
     const bool wide = x.scalar_type() == at::kFloat;

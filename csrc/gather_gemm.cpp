@@ -25,11 +25,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SSL_LIGHTNING_X86_KERNEL 1
-#include <immintrin.h>
-#endif
-
 namespace ssl_lightning {
 
 #ifdef SSL_LIGHTNING_X86_KERNEL
@@ -384,7 +379,6 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
   const int64_t P = G.ho * G.wo, HW = G.h * G.w;
   gather::CallTables& tb = gather::call_tables();
   gather::build_call_tables(tb, row_idx, row_ptr, col_idx, col_ptr, bias, G, compact_output);
-  const int64_t kmax = tb.kmax;
   const float* a_all = nullptr;  // the compact weight as fp32
   // bf16 on a CPU with AVX512_BF16: multiply bf16 pairs directly (A rows padded to even k, B packed in pairs)
   // (SSL_LIGHTNING_BF16_DOT=0 widens bf16 to fp32 instead, as on CPUs without it: for tests and comparisons)
@@ -412,92 +406,81 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
     widen_all(weight, tb.a32.data(), tb.w_off[G.groups]);
     a_all = tb.a32.data();
   }
-  const int64_t* off = tb.off.data();
-  const int32_t* tap = tb.taps.data();
-  const int64_t *w_off = tb.w_off.data(), *fill = tb.fill.data(), *fill_ptr = tb.fill_ptr.data();
-  const float* bias_kept = tb.bias_kept.data();
-
-  const gather::TaskSplit split = gather::split_tasks(G, (tb.rows_max + kMR - 1) / kMR);
-  at::parallel_for(0, split.base_tasks * split.rsplit, 1, [&](int64_t t0, int64_t t1) {
-    gather::TaskScratch& ts = gather::task_scratch();
-    float* const bpanel = gather::aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
+  gather::for_each_task(G, tb, row_ptr, col_ptr, kMR, [&](const gather::Task& task, gather::TaskScratch& ts,
+                                                          float* bpanel) {
+    const int64_t n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0, rb1 = task.rb1, np = task.np;
+    const __mmask16 m0 = __mmask16(task.lanes), m1 = __mmask16(task.lanes >> 16);
+    T* out_n = out + n * out_rows * P + task.p0;
+    if (task.share == 0)  // this panel's slice of the removed filters' rows, next to the kernel's own writes
+      fill_panel_rows(out_n, P, &tb.fill[tb.fill_ptr[g]], tb.fill_ptr[g + 1] - tb.fill_ptr[g], bias, m0, m1);
+    if (rb0 == rb1) return;
     Panel& pn = ts.panel;
     float* crow[kMR];
     T* orow[kMR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const gather::Task task = gather::task_at(t, split, G, row_ptr, col_ptr, kMR);
-      const int64_t share = task.share, n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0;
-      const int64_t rb1 = task.rb1, p0 = task.p0, np = task.np;
-      const uint32_t all = task.lanes;
-      const __mmask16 m0 = __mmask16(all), m1 = __mmask16(all >> 16);
-      T* out_n = out + n * out_rows * P + p0;
-      if (share == 0)  // this panel's slice of the removed filters' rows, next to the kernel's own writes
-        fill_panel_rows(out_n, P, fill + fill_ptr[g], fill_ptr[g + 1] - fill_ptr[g], bias, m0, m1);
-      if (rb0 == rb1) continue;
-      const bool runs = gather::describe_panel(G, p0, np, pn);
-      const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
-      const int64_t c0 = col_ptr[g];
-      const float* a_g = a_all != nullptr ? a_all + w_off[g] : nullptr;
-      float* const ctile = kWide ? nullptr : gather::aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
-      // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
-      auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
-      // the output row of kept filter r0 + i of group g (its own channel, or its place in the kept list)
-      auto out_row = [&](int64_t r0, int i) {
-        return out_n + (compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i]) * P;
-      };
-      // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
-      // for every row block (equal: no short last chunk that pays a full C load / store for a few columns).
-      // The bf16 dot path multiplies column pairs: its chunks are even (kKC / 2 pairs of 32 lanes, the same
-      // bytes as an fp32 chunk) over the weight rows padded to kpad columns.
-      const int64_t kpad = dot ? k + (k & 1) : k;
-      const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
-      int64_t chunk = std::max<int64_t>(dot ? 2 : 1, (kpad + chunks - 1) / chunks);  // k == 0: one bias pass
-      if (dot) chunk += chunk & 1;
-      // fp32 storage at stride 1: the first row block packs the panel as it multiplies (micro_kernel_pack)
-      const bool pack_in_kernel = kWide && runs;
-      const T* x_n = x + n * G.c * HW;
-      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
-        const int64_t kc = std::min(chunk, k - kc0);
-        if constexpr (std::is_same_v<T, c10::BFloat16>) {
-          if (dot) pack_pairs(x_n, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, reinterpret_cast<uint32_t*>(bpanel));
-        }
-        if (!dot && !pack_in_kernel) pack_panel(x_n, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bpanel);
-        for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
-          const int m = int(std::min<int64_t>(kMR, r - r0));
-          for (int i = 0; i < m; ++i) {
-            if constexpr (kWide) {
-              crow[i] = out_row(r0, i);
-            } else {
-              crow[i] = tile_row(r0, i);
-            }
-          }
-          const float* bias_r = bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr;
-          if constexpr (std::is_same_v<T, c10::BFloat16>) {
-            if (dot) {
-              const uint32_t* a2 = reinterpret_cast<const uint32_t*>(tb.a16.data() + tb.w_off16[g]);
-              (np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>)[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2,
-                                                                reinterpret_cast<const uint32_t*>(bpanel),
-                                                                (kc + 1) / 2, crow, bias_r, kc0 > 0, m0, m1);
-              continue;
-            }
-          }
-          if constexpr (kWide) {
-            if (pack_in_kernel && r0 == rb0 * kMR) {
-              (np > 16 ? kKernelsPack<2> : kKernelsPack<1>)[m](a_g + r0 * k + kc0, k, x_n, off + c0 + kc0,
-                                                                tap + c0 + kc0, pn, bpanel, kc, crow, bias_r,
-                                                                kc0 > 0, m0, m1);
-              continue;
-            }
-          }
-          kernels[m](a_g + r0 * k + kc0, k, bpanel, kc, crow, bias_r, kc0 > 0, m0, m1);
-        }
+    const bool runs = gather::describe_panel(G, task.p0, np, pn);
+    const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
+    const int64_t* off = tb.off.data() + col_ptr[g];
+    const int32_t* tap = tb.taps.data() + col_ptr[g];
+    const float* a_g = a_all != nullptr ? a_all + tb.w_off[g] : nullptr;
+    float* const ctile = kWide ? nullptr : gather::aligned_floats(ts.ctile, (rb1 - rb0) * kMR * kNR);
+    // 16-bit storage: row i of row block r0 in this task's fp32 tile, rounded into the output at the end
+    auto tile_row = [&](int64_t r0, int i) { return ctile + (r0 - rb0 * kMR + i) * kNR; };
+    // the output row of kept filter r0 + i of group g (its own channel, or its place in the kept list)
+    auto out_row = [&](int64_t r0, int i) {
+      return out_n + (compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i]) * P;
+    };
+    // k in equal chunks of at most kKC kept columns, so the panel chunk (<= kKC x 32 floats) stays in L2
+    // for every row block (equal: no short last chunk that pays a full C load / store for a few columns).
+    // The bf16 dot path multiplies column pairs: its chunks are even (kKC / 2 pairs of 32 lanes, the same
+    // bytes as an fp32 chunk) over the weight rows padded to kpad columns.
+    const int64_t kpad = dot ? k + (k & 1) : k;
+    const int64_t chunks = std::max<int64_t>(1, (kpad + kKC - 1) / kKC);
+    int64_t chunk = std::max<int64_t>(dot ? 2 : 1, (kpad + chunks - 1) / chunks);  // k == 0: one bias pass
+    if (dot) chunk += chunk & 1;
+    // fp32 storage at stride 1: the first row block packs the panel as it multiplies (micro_kernel_pack)
+    const bool pack_in_kernel = kWide && runs;
+    const T* x_n = x + n * G.c * HW;
+    for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
+      const int64_t kc = std::min(chunk, k - kc0);
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (dot) pack_pairs(x_n, off + kc0, tap + kc0, kc, pn, runs, reinterpret_cast<uint32_t*>(bpanel));
       }
-      if constexpr (!kWide) {
-        for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
-          const int m = int(std::min<int64_t>(kMR, r - r0));
-          for (int i = 0; i < m; ++i) orow[i] = out_row(r0, i);
-          store_rows(tile_row(r0, 0), m, orow, m0, m1);
+      if (!dot && !pack_in_kernel) pack_panel(x_n, off + kc0, tap + kc0, kc, pn, runs, bpanel);
+      for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+        const int m = int(std::min<int64_t>(kMR, r - r0));
+        for (int i = 0; i < m; ++i) {
+          if constexpr (kWide) {
+            crow[i] = out_row(r0, i);
+          } else {
+            crow[i] = tile_row(r0, i);
+          }
         }
+        const float* bias_r = bias != nullptr ? tb.bias_kept.data() + row_ptr[g] + r0 : nullptr;
+        if constexpr (std::is_same_v<T, c10::BFloat16>) {
+          if (dot) {
+            const uint32_t* a2 = reinterpret_cast<const uint32_t*>(tb.a16.data() + tb.w_off16[g]);
+            (np > 16 ? kKernelsBf16<2> : kKernelsBf16<1>)[m](a2 + r0 * (kpad / 2) + kc0 / 2, kpad / 2,
+                                                              reinterpret_cast<const uint32_t*>(bpanel),
+                                                              (kc + 1) / 2, crow, bias_r, kc0 > 0, m0, m1);
+            continue;
+          }
+        }
+        if constexpr (kWide) {
+          if (pack_in_kernel && r0 == rb0 * kMR) {
+            (np > 16 ? kKernelsPack<2> : kKernelsPack<1>)[m](a_g + r0 * k + kc0, k, x_n, off + kc0,
+                                                              tap + kc0, pn, bpanel, kc, crow, bias_r,
+                                                              kc0 > 0, m0, m1);
+            continue;
+          }
+        }
+        kernels[m](a_g + r0 * k + kc0, k, bpanel, kc, crow, bias_r, kc0 > 0, m0, m1);
+      }
+    }
+    if constexpr (!kWide) {
+      for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+        const int m = int(std::min<int64_t>(kMR, r - r0));
+        for (int i = 0; i < m; ++i) orow[i] = out_row(r0, i);
+        store_rows(tile_row(r0, 0), m, orow, m0, m1);
       }
     }
   });

@@ -12,11 +12,6 @@
 #include "gather_gemm.h"
 #include "gather_panel.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SSL_LIGHTNING_X86_KERNEL 1
-#include <immintrin.h>
-#endif
-
 namespace ssl_lightning {
 
 #ifdef SSL_LIGHTNING_X86_KERNEL
@@ -127,48 +122,37 @@ void gather_gemm_conv2d_avx2(const float* x, const float* weight, const int64_t*
   const int64_t P = G.ho * G.wo, HW = G.h * G.w;
   gather::CallTables& tb = gather::call_tables();
   gather::build_call_tables(tb, row_idx, row_ptr, col_idx, col_ptr, bias, G, compact_output);
-  const int64_t kmax = tb.kmax;
-  const int64_t* off = tb.off.data();
-  const int32_t* tap = tb.taps.data();
-  const int64_t *w_off = tb.w_off.data(), *fill = tb.fill.data(), *fill_ptr = tb.fill_ptr.data();
-  const float* bias_kept = tb.bias_kept.data();
-  const gather::TaskSplit split = gather::split_tasks(G, (tb.rows_max + kMR - 1) / kMR);
-  at::parallel_for(0, split.base_tasks * split.rsplit, 1, [&](int64_t t0, int64_t t1) {
-    gather::TaskScratch& ts = gather::task_scratch();
-    float* const bpanel = gather::aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(kmax, kKC)) * kNR);
+  gather::for_each_task(G, tb, row_ptr, col_ptr, kMR, [&](const gather::Task& task, gather::TaskScratch& ts,
+                                                          float* bpanel) {
+    const int64_t g = task.g, r = task.r, k = task.k, rb0 = task.rb0, rb1 = task.rb1, np = task.np;
+    float* out_n = out + task.n * out_rows * P + task.p0;
+    if (task.share == 0)  // this panel's slice of the removed filters' rows
+      for (int64_t i = tb.fill_ptr[g]; i < tb.fill_ptr[g + 1]; ++i)
+        std::fill_n(out_n + tb.fill[i] * P, np, bias != nullptr ? bias[tb.fill[i]] : 0.0f);
+    if (rb0 == rb1) return;
     Panel& pn = ts.panel;
+    const bool runs = gather::describe_panel(G, task.p0, np, pn);
+    const int64_t* off = tb.off.data() + col_ptr[g];
+    const int32_t* tap = tb.taps.data() + col_ptr[g];
+    const float* a_g = weight + tb.w_off[g];
+    const float* x_n = x + task.n * G.c * HW;
     float* crow[kMR];
-    for (int64_t t = t0; t < t1; ++t) {
-      const gather::Task task = gather::task_at(t, split, G, row_ptr, col_ptr, kMR);
-      const int64_t share = task.share, n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0;
-      const int64_t rb1 = task.rb1, p0 = task.p0, np = task.np;
-      const uint32_t all = task.lanes;
-      float* out_n = out + n * out_rows * P + p0;
-      if (share == 0)  // this panel's slice of the removed filters' rows
-        for (int64_t i = fill_ptr[g]; i < fill_ptr[g + 1]; ++i)
-          std::fill_n(out_n + fill[i] * P, np, bias != nullptr ? bias[fill[i]] : 0.0f);
-      if (rb0 == rb1) continue;
-      const bool runs = gather::describe_panel(G, p0, np, pn);
-      const int64_t c0 = col_ptr[g];
-      const float* a_g = weight + w_off[g];
-      const float* x_n = x + n * G.c * HW;
-      // k in equal chunks of at most kKC columns (as in the AVX-512 kernel); k == 0: one bias pass
-      const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
-      const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);
-      for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
-        const int64_t kc = std::min(chunk, k - kc0);
-        pack_panel(x_n, off + c0 + kc0, tap + c0 + kc0, kc, pn, runs, bpanel);
-        for (int h = 0; h < (np > kHalf ? 2 : 1); ++h) {
-          const uint32_t lanes = (all >> (kHalf * h)) & 0xffffu;
-          for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
-            const int m = int(std::min<int64_t>(kMR, r - r0));
-            for (int i = 0; i < m; ++i) {
-              const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
-              crow[i] = out_n + row * P + kHalf * h;
-            }
-            const float* bias_r = bias != nullptr ? bias_kept + row_ptr[g] + r0 : nullptr;
-            kKernels[m](a_g + r0 * k + kc0, k, bpanel + kHalf * h, kc, crow, bias_r, kc0 > 0, lanes);
+    // k in equal chunks of at most kKC columns (as in the AVX-512 kernel); k == 0: one bias pass
+    const int64_t chunks = std::max<int64_t>(1, (k + kKC - 1) / kKC);
+    const int64_t chunk = std::max<int64_t>(1, (k + chunks - 1) / chunks);
+    for (int64_t kc0 = 0; kc0 < std::max<int64_t>(k, 1); kc0 += chunk) {
+      const int64_t kc = std::min(chunk, k - kc0);
+      pack_panel(x_n, off + kc0, tap + kc0, kc, pn, runs, bpanel);
+      for (int h = 0; h < (np > kHalf ? 2 : 1); ++h) {
+        const uint32_t lanes = (task.lanes >> (kHalf * h)) & 0xffffu;
+        for (int64_t r0 = rb0 * kMR; r0 < std::min(r, rb1 * kMR); r0 += kMR) {
+          const int m = int(std::min<int64_t>(kMR, r - r0));
+          for (int i = 0; i < m; ++i) {
+            const int64_t row = compact_output ? row_ptr[g] + r0 + i : row_idx[row_ptr[g] + r0 + i];
+            crow[i] = out_n + row * P + kHalf * h;
           }
+          const float* bias_r = bias != nullptr ? tb.bias_kept.data() + row_ptr[g] + r0 : nullptr;
+          kKernels[m](a_g + r0 * k + kc0, k, bpanel + kHalf * h, kc, crow, bias_r, kc0 > 0, lanes);
         }
       }
     }

@@ -3,11 +3,20 @@
 // offsets and taps, per-group weight offsets, kept bias, removed filters to fill) and the task split.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "compact_conv_args.h"
+
+// The panel kernels (AVX-512, AVX2) are built for x86-64 with GCC / Clang (per-function target attributes);
+// elsewhere their entry points raise and compact_conv.cpp's lowered path runs.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SSL_LIGHTNING_X86_KERNEL 1
+#include <immintrin.h>
+#endif
 
 namespace ssl_lightning::gather {
 
@@ -96,6 +105,19 @@ inline Task task_at(int64_t t, const TaskSplit& S, const ConvGeometry& G, const 
   task.p0 = pb * kNR, task.np = std::min<int64_t>(kNR, G.ho * G.wo - task.p0);
   task.lanes = task.np == kNR ? 0xffffffffu : (1u << task.np) - 1u;
   return task;
+}
+
+// body(task, scratch, bpanel) for every task of a call whose tables are tb, in one parallel region: scratch is
+// the worker's panel description and C tile, bpanel its B panel (min(kmax, kKC) x kNR floats, cache-line aligned).
+template <typename Body>
+void for_each_task(const ConvGeometry& G, const CallTables& tb, const int64_t* row_ptr, const int64_t* col_ptr,
+                   int64_t mr, const Body& body) {
+  const TaskSplit split = split_tasks(G, (tb.rows_max + mr - 1) / mr);
+  at::parallel_for(0, split.base_tasks * split.rsplit, 1, [&](int64_t t0, int64_t t1) {
+    TaskScratch& ts = task_scratch();
+    float* const bpanel = aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(tb.kmax, kKC)) * kNR);
+    for (int64_t t = t0; t < t1; ++t) body(task_at(t, split, G, row_ptr, col_ptr, mr), ts, bpanel);
+  });
 }
 
 }  // namespace ssl_lightning::gather
