@@ -95,11 +95,16 @@ def expand_compact_weight(
     out_channels: int,
     in_per_group: int,
     kernel_size: Sequence[int],
+    *,
+    blocks: Sequence[tuple[int, int, int, int, int]] | None = None,
 ) -> Tensor:
-    """The dense ``out_channels x in_per_group x KH x KW`` weight (zeros where removed); differentiable."""
+    """The dense ``out_channels x in_per_group x KH x KW`` weight (zeros where removed); differentiable.
+
+    ``blocks``: the pointers' per-group blocks (``_groups_blocks``) when the caller holds them, so the call reads
+    no index value on the host (traceable by ``torch.compile``)."""
     kh, kw = kernel_size
     dense = weight.new_zeros(out_channels, in_per_group * kh * kw)
-    for r0, r, c0, k, off in _groups_blocks(row_ptr, col_ptr):
+    for r0, r, c0, k, off in blocks if blocks is not None else _groups_blocks(row_ptr, col_ptr):
         if r and k:
             rows = row_idx[r0 : r0 + r].to(weight.device)
             cols = col_idx[c0 : c0 + k].to(weight.device)

@@ -9,8 +9,6 @@ tests/test_fuzz.py``, about 4 minutes on 2 cores).
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +21,8 @@ from torch import Tensor, nn
 
 from ssl_lightning import CompactConv2d, ops
 from ssl_lightning._ext import has_compiled_ops
+
+from .test_compact_conv import _gemm_env, _runs_here
 
 FAST, SLOW = 100, 2000
 BACKWARD_FAST, BACKWARD_SLOW = 15, 300
@@ -173,39 +173,15 @@ def assert_matches(got: Tensor, want: Tensor, dtype: torch.dtype, what: str) -> 
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
 
 
-@contextlib.contextmanager
-def gemm_env(choice: str) -> Iterator[None]:
-    old = os.environ.get("SSL_LIGHTNING_GEMM")
-    os.environ["SSL_LIGHTNING_GEMM"] = choice
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SSL_LIGHTNING_GEMM")
-        else:
-            os.environ["SSL_LIGHTNING_GEMM"] = old
-
-
-def _avx2_runs_here() -> bool:
-    if not has_compiled_ops():
-        return False
-    try:
-        with gemm_env("avx2"):
-            ops.cpu_kernel()
-    except RuntimeError:
-        return False
-    return True
-
-
 # the AVX-512 kernel (auto, on such a CPU), the AVX2 one, and both lowered-tile paths
-GEMMS = ["auto", "onednn", "blas", *(["avx2"] if _avx2_runs_here() else [])]
+GEMMS = ["auto", "onednn", "blas", *(["avx2"] if _runs_here("avx2") else [])]
 
 
 # ------------------------------------------------------------------------------------------- valid cases
 def check_valid(case: Case) -> None:
     built = build(case)
     want = oracle(case, built)
-    with gemm_env(case.gemm), torch.no_grad():
+    with _gemm_env(case.gemm), torch.no_grad():
         got = ops.compact_conv2d(*built["args"])
         assert_matches(got, want, case.dtype, "compact_conv2d")
         conv = nn.Conv2d(case.c, case.o, case.kernel, case.stride, case.padding, case.dilation, case.groups,

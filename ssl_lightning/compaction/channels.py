@@ -488,9 +488,9 @@ def aligned_count(
         if not xs or not isinstance(mod, (nn.Conv2d, nn.Linear)) or getattr(mod, "groups", 1) != 1:
             return modeled_count(kept, target)
         layers.append((mod, xs[0], "producer"))
+    n = sp.size or 0  # set for every space the plan sizes
     for name, off, hw in sp.consumers:
         mod, xs = modules[name], measured.get(name)
-        n = sp.size or 0
         fits = (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.in_channels == n) or (
             isinstance(mod, nn.Linear) and mod.in_features == n * hw
         )
@@ -512,14 +512,14 @@ def aligned_count(
                     cin, cout, **geometry, bias=mod.bias is not None, padding_mode=mod.padding_mode
                 )
                 if role == "consumer":
-                    x = torch.randn(x.shape[0], c, *x.shape[2:], dtype=x.dtype)
+                    x = torch.randn(x.shape[0], c, *x.shape[2:], dtype=x.dtype, device=x.device)
             else:
                 assert isinstance(mod, nn.Linear)
-                hw = mod.in_features // (sp.size or 1)
+                hw = mod.in_features // max(n, 1)
                 fin, fout = (mod.in_features, c) if role == "producer" else (c * hw, mod.out_features)
                 new = nn.Linear(fin, fout, bias=mod.bias is not None)
                 if role == "consumer":
-                    x = torch.randn(*x.shape[:-1], c * hw, dtype=x.dtype)
+                    x = torch.randn(*x.shape[:-1], c * hw, dtype=x.dtype, device=x.device)
             runs.append((new.to(dtype=x.dtype, device=x.device).eval(), x))
         return lambda: [m(x) for m, x in runs]
 

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning._ext import has_compiled_ops, has_cuda_kernels
-from ssl_lightning.ops import compact_conv2d, cpu_kernel, lowered_nonzero, pack_compact_weight
+from ssl_lightning.ops import (
+    _groups_blocks,
+    compact_conv2d,
+    cpu_kernel,
+    expand_compact_weight,
+    lowered_nonzero,
+    pack_compact_weight,
+)
 from ssl_lightning.timing import NOISE_LIMIT, fastest
 
 __all__ = ["CompactConv2d", "CompactLinear", "autotune_enabled", "kernel_choices", "modeled_choice", "pin_kernels",
@@ -120,6 +127,13 @@ def _kernel_for(x: Tensor) -> str:
         return "unavailable"
 
 
+def _fresh_choices() -> dict[str, Any]:
+    """A CompactConv2d's run-time choices and caches, empty: per (shape, dtype, device, threads, kernel switches)
+    the measured and the modeled choice, the last one run, and the inference caches of derived weights. Never
+    saved, copied or pickled."""
+    return {"_choices": {}, "_modeled": {}, "_last": None, "_weights": {}}
+
+
 def _mode_active() -> bool:
     """Whether a torch function / dispatch mode watches this call (a FLOP counter, a graph recorder, a fake
     tensor trace): timing candidates there would be counted or recorded as the model's own work."""
@@ -142,6 +156,10 @@ class CompactConv2d(nn.Module):
     col_ptr: Tensor
     rows_sel: Tensor
     rows_real: Tensor
+    _choices: dict[tuple[Any, ...], Impl]  # see _fresh_choices
+    _modeled: dict[tuple[Any, ...], Impl]
+    _last: Impl | None
+    _weights: dict[str, tuple[tuple[Any, ...], Tensor]]
 
     def __init__(
         self,
@@ -170,12 +188,7 @@ class CompactConv2d(nn.Module):
         self.register_buffer("col_idx", torch.cat(col_lists) if col_lists else torch.zeros(0, dtype=torch.long))
         self.register_buffer("col_ptr", torch.tensor([0, *cols.sum(1).cumsum(0).tolist()]))
         # per group (row start, rows, column start, columns, offset in the packed weight), as Python ints
-        self._blocks: list[tuple[int, int, int, int, int]] = []
-        rp, cp, off = self.row_ptr.tolist(), self.col_ptr.tolist(), 0
-        for gi in range(g):
-            r, k = rp[gi + 1] - rp[gi], cp[gi + 1] - cp[gi]
-            self._blocks.append((rp[gi], r, cp[gi], k, off))
-            off += r * k
+        self._blocks = _groups_blocks(self.row_ptr, self.col_ptr)
         sel, real = self._row_selection(rows_g, align)
         self.register_buffer("rows_sel", sel, persistent=False)  # derived from the structure and align
         self.register_buffer("rows_real", real, persistent=False)
@@ -199,7 +212,10 @@ class CompactConv2d(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.pinned: Impl | None = None if impl == "auto" else cast(Impl, impl)
-        self._reset_choices()
+        self._default: Impl = modeled_choice(
+            self.kept_filters, self.kept_work, self.columns_removed, _kernel_for(torch.empty(0))
+        )
+        self.__dict__.update(_fresh_choices())
 
     @staticmethod
     def _row_selection(rows_g: Tensor, align: int) -> tuple[Tensor, Tensor]:
@@ -216,22 +232,8 @@ class CompactConv2d(nn.Module):
             real.append(rows_g[gi][chosen])
         return torch.cat(sel), torch.cat(real)
 
-    def _reset_choices(self) -> None:
-        # per (shape, dtype, device, threads, kernel switches): measured / modeled choices; never saved
-        self._choices: dict[tuple[Any, ...], Impl] = {}
-        self._modeled: dict[tuple[Any, ...], Impl] = {}
-        self._last: Impl | None = None
-        self._default: Impl = modeled_choice(
-            self.kept_filters, self.kept_work, self.columns_removed, _kernel_for(torch.empty(0))
-        )
-        self._weights: dict[str, tuple[tuple[Any, ...], Tensor]] = {}  # inference caches of derived weights
-
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()  # a copy or pickle of the module decides afresh where it runs
-        for k in ("_choices", "_modeled", "_weights"):
-            state[k] = {}
-        state["_last"] = None
-        return state
+        return {**self.__dict__, **_fresh_choices()}  # a copy or pickle of the module decides afresh where it runs
 
     @property
     def impl(self) -> Impl:
@@ -368,13 +370,10 @@ class CompactConv2d(nn.Module):
 
     def _expand(self, w: Tensor) -> Tensor:
         """The dense weight (zeros where removed) from the packed one; differentiable, traceable."""
-        cg = self.in_channels // self.groups
-        dense = w.new_zeros(self.out_channels, cg * self.kernel_size[0] * self.kernel_size[1])
-        for r0, r, c0, k, off in self._blocks:
-            if r and k:
-                rows, cols = self.row_idx[r0 : r0 + r], self.col_idx[c0 : c0 + k]
-                dense = dense.index_put((rows[:, None], cols[None, :]), w[off : off + r * k].view(r, k))
-        return dense.view(self.out_channels, cg, *self.kernel_size)
+        return expand_compact_weight(
+            w, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr, self.out_channels,
+            self.in_channels // self.groups, self.kernel_size, blocks=self._blocks,
+        )  # fmt: skip
 
     def _derived(self, kind: Literal["rows", "dense"]) -> Tensor:
         """The dense (or row-only) weight for the dense (row-only) conv: rebuilt on every training call (the
@@ -412,7 +411,8 @@ class CompactConv2d(nn.Module):
                 dense[old_sel] = w
             if dense is not None:
                 packed = pack_compact_weight(dense, self.row_idx, self.row_ptr, self.col_idx, self.col_ptr)
-                if not torch.equal(self._expand(packed).to(dense.dtype), dense.reshape(self._expand(packed).shape)):
+                kept = self._expand(packed)
+                if not torch.equal(kept.to(dense.dtype), dense.reshape(kept.shape)):
                     warnings.warn(
                         f"CompactConv2d {prefix.rstrip('.') or '(root)'}: the state dict has nonzero weights outside "
                         "the kept rows / columns (trained after compaction with the dense or row-only layout); "
@@ -439,14 +439,9 @@ class CompactConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"CompactConv2d.from_conv needs an nn.Conv2d, got {type(conv).__name__}")
-        if impl not in ("auto", *IMPLS):
-            raise ValueError(f"impl must be one of 'auto', 'fused', 'rows', 'dense', got {impl!r}")
+        rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
+        mod = cls(conv, rows, cols, impl, compact_output, align)  # checks impl and align against the conv
         unsupported = not _numeric_zero_padding(conv)
-        if unsupported and impl in ("fused", "rows"):
-            raise ValueError(
-                f"impl={impl!r} supports zero padding given as numbers; this conv has padding={conv.padding!r}, "
-                f"padding_mode={conv.padding_mode!r}: use impl='auto' or 'dense' (the dense conv is kept)"
-            )
         if compact_output and unsupported:
             raise ValueError("compact_output needs a conv with numeric zero padding")
         if impl == "auto" and unsupported:
@@ -455,8 +450,6 @@ class CompactConv2d(nn.Module):
                 "the fused op; keeping the dense convolution",
                 stacklevel=2,
             )
-        rows, cols = lowered_nonzero(conv.weight.detach(), conv.groups)
-        mod = cls(conv, rows, cols, impl, compact_output, align)
         if example_input is not None and mod.pinned is None:
             mod.tune(example_input)
         return mod
