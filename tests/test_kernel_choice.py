@@ -286,3 +286,25 @@ def test_align_auto_keeps_the_channel_count_its_layers_run_faster(
     assert channels.modeled_count(30, 32) == 32 and channels.modeled_count(3, 8) == 3
     with pytest.raises(ValueError, match="align must be 'auto' or an integer >= 1, got 0"):
         compact_with_info(net, x, align=0)
+
+
+def test_bad_choice_arguments_are_clear_errors() -> None:
+    import ssl_lightning.compaction.channels as channels
+    from ssl_lightning import StructuredSparsity
+
+    conv = sparse_net()[2]
+    with pytest.raises(ValueError, match=r"align must be a positive int \(filters per group of the row-only conv\), "
+                       r"got 0"):  # fmt: skip
+        CompactConv2d.from_conv(conv, align=0)
+    with pytest.raises(TypeError, match=r"set_autotune\(enabled\) takes a bool, got 'yes'"):
+        set_autotune("yes")  # type: ignore[arg-type]
+    plan = compaction_plan(nn.Sequential(CompactConv2d.from_conv(conv)))
+    plan["convs"]["0"]["impl"] = "fastest"
+    with pytest.raises(ValueError, match="compaction plan for '0': impl must be auto, fused, rows or dense, got "
+                       "'fastest'"):  # fmt: skip
+        apply_compaction_plan(nn.Sequential(sparse_net()[2]), plan)
+    with pytest.raises(ValueError, match="compact_align must be 'auto' or an int >= 1, got 0"):
+        StructuredSparsity({"filter": 0.1}, compact_align=0)
+    with pytest.raises(ValueError, match="counts must be 'fixed', 'modeled' or 'measured', got 'exact'"):
+        channels.plan_channel_removal(sparse_net(), [(torch.randn(1, 3, 6, 6),)], lambda m, t: m(*t),
+                                      counts="exact")  # type: ignore[arg-type]  # fmt: skip
