@@ -326,26 +326,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void store_rows(const float
   }
 }
 
-// rows[i] of the panel at out (32 positions, masked by m0 | m1 << 16) = bias[rows[i]] (or 0).
-__attribute__((target("avx512f"))) void fill_panel_rows(float* out, int64_t P, const int64_t* rows, int64_t count,
-                                                        const float* bias, __mmask16 m0, __mmask16 m1) {
-  for (int64_t i = 0; i < count; ++i) {
-    const __m512 v = _mm512_set1_ps(bias != nullptr ? bias[rows[i]] : 0.0f);
-    _mm512_mask_storeu_ps(out + rows[i] * P, m0, v);
-    _mm512_mask_storeu_ps(out + rows[i] * P + 16, m1, v);
-  }
-}
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void fill_panel_rows(T* out, int64_t P, const int64_t* rows,
-                                                                           int64_t count, const T* bias, __mmask16 m0,
-                                                                           __mmask16 m1) {
-  for (int64_t i = 0; i < count; ++i) {
-    const __m256i v = _mm256_set1_epi16(int16_t(bias != nullptr ? bias[rows[i]].x : 0));
-    _mm256_mask_storeu_epi16(out + rows[i] * P, m0, v);
-    _mm256_mask_storeu_epi16(out + rows[i] * P + 16, m1, v);
-  }
-}
-
 }  // namespace
 
 std::string gather_gemm_missing(at::ScalarType dtype) {
@@ -411,13 +391,12 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
     const int64_t n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0, rb1 = task.rb1, np = task.np;
     const __mmask16 m0 = __mmask16(task.lanes), m1 = __mmask16(task.lanes >> 16);
     T* out_n = out + n * out_rows * P + task.p0;
-    if (task.share == 0)  // this panel's slice of the removed filters' rows, next to the kernel's own writes
-      fill_panel_rows(out_n, P, &tb.fill[tb.fill_ptr[g]], tb.fill_ptr[g + 1] - tb.fill_ptr[g], bias, m0, m1);
+    if (task.share == 0 && task.p0 == 0) gather::fill_removed_rows(out + n * out_rows * P, P, tb, g, bias);
     if (rb0 == rb1) return;
-    Panel& pn = ts.panel;
+    const Panel& pn = *task.panel;
     float* crow[kMR];
     T* orow[kMR];
-    const bool runs = gather::describe_panel(G, task.p0, np, pn);
+    const bool runs = task.runs;
     const MicroKernel* kernels = np > 16 ? kKernels<2> : kKernels<1>;  // a short last panel computes 16 lanes
     const int64_t* off = tb.off.data() + col_ptr[g];
     const int32_t* tap = tb.taps.data() + col_ptr[g];

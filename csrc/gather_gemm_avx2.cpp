@@ -122,16 +122,14 @@ void gather_gemm_conv2d_avx2(const float* x, const float* weight, const int64_t*
   const int64_t P = G.ho * G.wo, HW = G.h * G.w;
   gather::CallTables& tb = gather::call_tables();
   gather::build_call_tables(tb, row_idx, row_ptr, col_idx, col_ptr, bias, G, compact_output);
-  gather::for_each_task(G, tb, row_ptr, col_ptr, kMR, [&](const gather::Task& task, gather::TaskScratch& ts,
+  gather::for_each_task(G, tb, row_ptr, col_ptr, kMR, [&](const gather::Task& task, gather::TaskScratch&,
                                                           float* bpanel) {
     const int64_t g = task.g, r = task.r, k = task.k, rb0 = task.rb0, rb1 = task.rb1, np = task.np;
     float* out_n = out + task.n * out_rows * P + task.p0;
-    if (task.share == 0)  // this panel's slice of the removed filters' rows
-      for (int64_t i = tb.fill_ptr[g]; i < tb.fill_ptr[g + 1]; ++i)
-        std::fill_n(out_n + tb.fill[i] * P, np, bias != nullptr ? bias[tb.fill[i]] : 0.0f);
+    if (task.share == 0 && task.p0 == 0) gather::fill_removed_rows(out_n, P, tb, g, bias);
     if (rb0 == rb1) return;
-    Panel& pn = ts.panel;
-    const bool runs = gather::describe_panel(G, task.p0, np, pn);
+    const Panel& pn = *task.panel;
+    const bool runs = task.runs;
     const int64_t* off = tb.off.data() + col_ptr[g];
     const int32_t* tap = tb.taps.data() + col_ptr[g];
     const float* a_g = weight + tb.w_off[g];

@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 namespace ssl_lightning::gather {
@@ -65,6 +66,11 @@ float* aligned_floats(std::vector<float>& v, int64_t n) {
 CallTables& call_tables() {
   thread_local CallTables t;
   return t;
+}
+
+uint64_t next_call_id() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
 }
 
 TaskScratch& task_scratch() {

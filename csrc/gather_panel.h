@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "compact_conv_args.h"
@@ -62,10 +63,15 @@ struct CallTables {  // the calling thread's per-call tables
   std::vector<char> kept;
   int64_t kmax = 0, rows_max = 0;  // most kept columns / kept filters of any group
 };
-struct TaskScratch {  // one worker's B panel, panel description and (16-bit storage) fp32 C tile
+struct TaskScratch {  // one worker's B panel, panel descriptions and (16-bit storage) fp32 C tile
   std::vector<float> bpanel;
   std::vector<float> ctile;
-  Panel panel;
+  // Panel descriptions of the current call, described once per worker and reused for every image and group
+  // (at batch 16, describing each task's panel afresh was 3 % of AlexNet conv4). described[i]: the call id and
+  // panel index that panels[i] describes.
+  std::vector<Panel> panels;
+  std::vector<std::pair<uint64_t, int64_t>> described;
+  std::vector<char> runs;
 };
 CallTables& call_tables();
 TaskScratch& task_scratch();
@@ -89,6 +95,8 @@ TaskSplit split_tasks(const ConvGeometry& G, int64_t row_blocks_max);
 struct Task {
   int64_t share, n, g, r, k, rb0, rb1, p0, np;
   uint32_t lanes;
+  const Panel* panel;  // the panel's description
+  bool runs;  // describe_panel's result: every half fits in kMaxRuns runs
 };
 inline Task task_at(int64_t t, const TaskSplit& S, const ConvGeometry& G, const int64_t* row_ptr,
                     const int64_t* col_ptr, int64_t mr) {
@@ -107,17 +115,43 @@ inline Task task_at(int64_t t, const TaskSplit& S, const ConvGeometry& G, const 
   return task;
 }
 
-// body(task, scratch, bpanel) for every task of a call whose tables are tb, in one parallel region: scratch is
-// the worker's panel description and C tile, bpanel its B panel (min(kmax, kKC) x kNR floats, cache-line aligned).
+// Most panel descriptions a worker keeps per call (beyond it, a panel is described for each of its tasks).
+constexpr int64_t kPanelCache = 1024;
+uint64_t next_call_id();
+
+// body(task, scratch, bpanel) for every task of a call whose tables are tb, in one parallel region: task.panel
+// is its panel's description, scratch the worker's C tile, bpanel its B panel (min(kmax, kKC) x kNR floats,
+// cache-line aligned).
 template <typename Body>
 void for_each_task(const ConvGeometry& G, const CallTables& tb, const int64_t* row_ptr, const int64_t* col_ptr,
                    int64_t mr, const Body& body) {
   const TaskSplit split = split_tasks(G, (tb.rows_max + mr - 1) / mr);
+  const uint64_t call = next_call_id();
   at::parallel_for(0, split.base_tasks * split.rsplit, 1, [&](int64_t t0, int64_t t1) {
     TaskScratch& ts = task_scratch();
     float* const bpanel = aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(tb.kmax, kKC)) * kNR);
-    for (int64_t t = t0; t < t1; ++t) body(task_at(t, split, G, row_ptr, col_ptr, mr), ts, bpanel);
+    const int64_t slots = std::min(split.panels, kPanelCache);
+    if (int64_t(ts.panels.size()) < slots) ts.panels.resize(slots), ts.described.resize(slots), ts.runs.resize(slots);
+    for (int64_t t = t0; t < t1; ++t) {
+      Task task = task_at(t, split, G, row_ptr, col_ptr, mr);
+      const int64_t pb = task.p0 / kNR, slot = pb % slots;
+      if (ts.described[slot] != std::make_pair(call, pb)) {
+        ts.runs[slot] = describe_panel(G, task.p0, task.np, ts.panels[slot]);
+        ts.described[slot] = {call, pb};
+      }
+      task.panel = &ts.panels[slot], task.runs = ts.runs[slot] != 0;
+      body(task, ts, bpanel);
+    }
   });
+}
+
+// Full-width output: the removed filters of group g output their bias at every position of image n (out_n: the
+// image's output), whole rows at a time (written 32 positions per task, these scattered stores were 6-8 % of
+// AlexNet conv4 at batch 16).
+template <typename T>
+void fill_removed_rows(T* out_n, int64_t P, const CallTables& tb, int64_t g, const T* bias) {
+  for (int64_t i = tb.fill_ptr[g]; i < tb.fill_ptr[g + 1]; ++i)
+    std::fill_n(out_n + tb.fill[i] * P, P, bias != nullptr ? bias[tb.fill[i]] : T(0));
 }
 
 }  // namespace ssl_lightning::gather
