@@ -173,10 +173,10 @@ __attribute__((target("avx512f"))) inline __m256i narrow(__m512 v, c10::Half*) {
 __attribute__((target("avx512f"), always_inline)) inline __m512 run_column_half(const float* base,
                                                                                  const uint16_t* lanes, int runs,
                                                                                  const int64_t* run_off) {
-  __m512i col = _mm512_setzero_si512();
-  for (int s = 0; s < runs; ++s)
-    col = _mm512_or_si512(col, _mm512_castps_si512(_mm512_maskz_loadu_ps(__mmask16(lanes[s]), base + run_off[s])));
-  return _mm512_castsi512_ps(col);
+  if (runs == 0) return _mm512_setzero_ps();
+  __m512 col = _mm512_maskz_loadu_ps(__mmask16(lanes[0]), base + run_off[0]);
+  for (int s = 1; s < runs; ++s) col = _mm512_mask_loadu_ps(col, __mmask16(lanes[s]), base + run_off[s]);
+  return col;
 }
 
 // The kept columns' taps index Panel::tap_lanes / run_lanes. The packing routines are noipa: cloned with the
