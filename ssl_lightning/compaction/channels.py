@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_lightning.graph import ChannelSpace, analyze, capture_inputs, own_forward
-from ssl_lightning.timing import choose, interleaved_times
+from ssl_lightning.timing import NOISE_LIMIT, choose, interleaved_times
 
 __all__ = ["ChannelPlan", "PaddedFoldConv2d", "SparseChannelLRN", "apply_channel_plan", "plan_channel_removal"]
 
@@ -481,7 +481,8 @@ def aligned_count(
     """``kept`` or ``target`` channels for space ``sp``, whichever runs its producer and consumer layers faster
     on their captured inputs (stand-in layers of the two widths, timed side by side; the exact count is the
     baseline and the rounded one must win by ``FASTEST_MARGIN``). Spaces whose layers cannot be rebuilt at
-    another width (grouped convs, concatenations, other modules) get :func:`modeled_count`."""
+    another width (grouped convs, concatenations, other modules), and timings whose exact-count control spread
+    more than ``NOISE_LIMIT`` (other load on the machine), get :func:`modeled_count`."""
     layers: list[tuple[nn.Module, Tensor, str]] = []  # module, captured input, role
     for name in sp.producers:
         mod, xs = modules[name], measured.get(name)
@@ -523,9 +524,12 @@ def aligned_count(
             runs.append((new.to(dtype=x.dtype, device=x.device).eval(), x))
         return lambda: [m(x) for m, x in runs]
 
+    spreads: dict[int, float] = {}
     with torch.inference_mode():
         times = interleaved_times({kept: stand_ins(kept), target: stand_ins(target)}, 5, block_seconds=0.01,
-                                  stat="min")  # fmt: skip
+                                  stat="min", spreads=spreads)  # fmt: skip
+    if spreads.get(kept, 0.0) > NOISE_LIMIT:  # other load disturbed the exact-count control: not a measurement
+        return modeled_count(kept, target)
     return choose(times)
 
 
