@@ -3,6 +3,9 @@
     python benchmarks/bench_compact_conv.py [--threads 2] [--batch 1 16] [--rounds 5] [--markdown out.md]
         [--isa avx2]
 
+``--device cuda`` runs every column on the GPU against cuDNN (``--tf32`` lets both use TF32 for fp32; the timer
+synchronises the device); ``--json`` writes the measured rows (``benchmarks/gpu_check.sh`` uses both).
+
 ``--isa avx2`` measures what a CPU without AVX-512 runs, on this one: the op is capped to its AVX2 kernel
 (``SSL_LIGHTNING_MAX_ISA=avx2``) and the baselines to AVX2 too (``ONEDNN_MAX_CPU_ISA=AVX2`` for oneDNN's
 ``F.conv2d``, ``MKL_ENABLE_INSTRUCTIONS=AVX2`` for MKL's GEMMs); both libraries read these once at start, so the
@@ -26,6 +29,7 @@ with its Table 4 CPU row.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -111,11 +115,12 @@ def build(layer: Layer, gen: torch.Generator) -> tuple[nn.Conv2d, Tensor, Tensor
 
 
 def candidates(
-    layer: Layer, batch: int, gen: torch.Generator, dtype: torch.dtype = torch.float32
+    layer: Layer, batch: int, gen: torch.Generator, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[dict[str, Callable[[], Tensor]], float, str]:
     conv, ri, rp, ci, cp = build(layer, gen)
-    conv = conv.to(dtype)
-    x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=gen).to(dtype)
+    conv = conv.to(dtype=dtype, device=device)
+    ri, rp, ci, cp = (t.to(device) for t in (ri, rp, ci, cp))
+    x = torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=gen).to(dtype=dtype, device=device)
     w, b = conv.weight.detach(), conv.bias.detach()
     st, pd, g = layer.stride, layer.pad, layer.groups
     packed = pack_compact_weight(w, ri, rp, ci, cp)
@@ -145,7 +150,7 @@ def candidates(
         packed_blocks.append(packed[off : off + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0))
         off += (r1 - r0) * (c1 - c0)
     fns["unfold"] = unfold_select
-    if layer.l1 is not None and dtype == torch.float32:  # sparse.mm is fp32 / fp64 only here
+    if layer.l1 is not None and dtype == torch.float32 and device == "cpu":  # sparse.mm: CPU fp32 / fp64 here
         gen_l1 = torch.Generator().manual_seed(1)
         l1_conv = nn.Conv2d(layer.cin, layer.cout, layer.k, st, pd, groups=g)
         with torch.no_grad():  # the paper's row-1 unstructured sparsity, drawn per weight
@@ -229,19 +234,41 @@ def _main() -> None:
         "--isa", choices=["native", "avx2"], default="native",
         help="avx2: cap the op and the baselines (oneDNN, MKL) to AVX2, as on a CPU without AVX-512",
     )  # fmt: skip
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="cuda: every column on the GPU, the baseline is cuDNN (timing synchronises the device)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tf32", action="store_true",
+        help="cuda: let cuDNN and cuBLAS use TF32 for fp32 (off by default: exact fp32 on both sides)",
+    )  # fmt: skip
+    p.add_argument("--json", default=None, help="also write every measured row to this JSON file")
     args = p.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+    if cuda:  # the same TF32 setting for the baseline (cuDNN) and the op's GEMMs
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        args.no_paper_protocol = True  # the paper's protocol is its CPU table
     if args.isa == "avx2":
         capped = {"SSL_LIGHTNING_MAX_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
         if any(os.environ.get(k) != v for k, v in capped.items()):  # oneDNN / MKL read them once, at start
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **capped})
     torch.set_num_threads(args.threads)
+    where = (
+        f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"TF32 {'on' if args.tf32 else 'off'})"
+        if cuda
+        else f"{platform.machine()} ({platform.processor() or 'cpu'}), threads {torch.get_num_threads()}"
+    )
     lines = [
-        f"machine: {platform.machine()} ({platform.processor() or 'cpu'}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; speedups over F.conv2d (dense weight), whole layer; {args.stat} of "
-        f"{args.rounds} rounds; {args.dtype}; ISA {args.isa}"
+        f"machine: {where}, torch {torch.__version__}; speedups over F.conv2d (dense weight), whole layer; "
+        f"{args.stat} of {args.rounds} rounds; {args.dtype}"
+        + ("" if cuda else f"; ISA {args.isa}")
         + (" (op, oneDNN and MKL capped to AVX2)" if args.isa == "avx2" else "")
     ]
-    scaling = [thread_scaling(args.threads)]
+    scaling = [] if cuda else [thread_scaling(args.threads)]
+    records: list[dict[str, object]] = []
     dtype = getattr(torch, args.dtype)
     cols = ["rows", "unfold", "csr", "fused", "module", "ideal"]
     for batch in args.batch:
@@ -255,11 +282,14 @@ def _main() -> None:
             lines.append("|---" * (len(cols) + 4) + "|")
             speed = []
             for layer in layers:
-                fns, ideal, mod_impl = candidates(layer, batch, gen, dtype)
+                fns, ideal, mod_impl = candidates(layer, batch, gen, dtype, args.device)
                 t = measure(fns, args.rounds, args.stat)
                 sp = {k: t["dense"] / v for k, v in t.items()}
                 sp["ideal"] = ideal
                 speed.append(sp)
+                records.append({"suite": suite, "batch": batch, "layer": layer.name, "dense_ms": 1e3 * t["dense"],
+                                "speedup": {k: v for k, v in sp.items() if k != "ideal"}, "ideal": ideal,
+                                "module_impl": mod_impl})  # fmt: skip
                 row = [f"{sp[c]:.2f}" if c in sp else "–" for c in cols]
                 lines.append(
                     f"| {layer.name} | {1e3 * t['dense']:.3f} | " + " | ".join(row)
@@ -272,15 +302,19 @@ def _main() -> None:
     if not args.no_paper_protocol:
         lines += paper_protocol()
         print("\n".join(lines[-9:]))
-    scaling.append(thread_scaling(args.threads))
-    lines[0] += (
-        f"; thread scaling (768^3 matmul, {args.threads} threads vs 1) {scaling[0]:.2f}x before the tables, "
-        f"{scaling[1]:.2f}x after"
-    )
+    if not cuda:
+        scaling.append(thread_scaling(args.threads))
+        lines[0] += (
+            f"; thread scaling (768^3 matmul, {args.threads} threads vs 1) {scaling[0]:.2f}x before the tables, "
+            f"{scaling[1]:.2f}x after"
+        )
     print(lines[0])
     if args.markdown:
         with open(args.markdown, "w") as fh:
             fh.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": lines[0], "rows": records}, fh, indent=1)
 
 
 def paper_protocol() -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 # Compacted layers time their implementations on their first inference call per input shape (autotune); the
 # tests run thousands of such calls on throwaway shapes, so they use the deterministic cost model instead
@@ -15,7 +16,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import pytest
@@ -24,17 +25,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+_F = TypeVar("_F", bound=Callable[..., object])
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def requires_cuda_kernels() -> pytest.MarkDecorator:
-    """Skip helper for tests that need the CUDA build of ssl_lightning._C on a GPU."""
+def requires_cuda_kernels() -> Callable[[_F], _F]:
+    """Marks a test ``cuda`` (the selection ``benchmarks/gpu_check.sh`` runs: ``pytest -m cuda``) and skips it
+    unless a GPU and the CUDA build of ssl_lightning._C are present."""
     from ssl_lightning._ext import has_cuda_kernels
 
-    return pytest.mark.skipif(
+    skip = pytest.mark.skipif(
         not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA build of _C"
     )
+
+    def mark(test: _F) -> _F:
+        return pytest.mark.cuda(skip(test))
+
+    return mark
 
 
 class SmallNet(nn.Module):
