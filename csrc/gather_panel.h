@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "compact_conv_args.h"
@@ -63,15 +62,19 @@ struct CallTables {  // the calling thread's per-call tables
   std::vector<char> kept;
   int64_t kmax = 0, rows_max = 0;  // most kept columns / kept filters of any group
 };
+// A worker's description of panel `index` in call `call` (next_call_id), and describe_panel's result.
+struct DescribedPanel {
+  Panel panel;
+  bool runs = false;
+  uint64_t call = 0;
+  int64_t index = -1;
+};
 struct TaskScratch {  // one worker's B panel, panel descriptions and (16-bit storage) fp32 C tile
   std::vector<float> bpanel;
   std::vector<float> ctile;
   // Panel descriptions of the current call, described once per worker and reused for every image and group
-  // (at batch 16, describing each task's panel afresh was 3 % of AlexNet conv4). described[i]: the call id and
-  // panel index that panels[i] describes.
-  std::vector<Panel> panels;
-  std::vector<std::pair<uint64_t, int64_t>> described;
-  std::vector<char> runs;
+  // (at batch 16, describing each task's panel afresh was 3 % of AlexNet conv4).
+  std::vector<DescribedPanel> panels;
 };
 CallTables& call_tables();
 TaskScratch& task_scratch();
@@ -131,15 +134,16 @@ void for_each_task(const ConvGeometry& G, const CallTables& tb, const int64_t* r
     TaskScratch& ts = task_scratch();
     float* const bpanel = aligned_floats(ts.bpanel, std::max<int64_t>(1, std::min(tb.kmax, kKC)) * kNR);
     const int64_t slots = std::min(split.panels, kPanelCache);
-    if (int64_t(ts.panels.size()) < slots) ts.panels.resize(slots), ts.described.resize(slots), ts.runs.resize(slots);
+    if (int64_t(ts.panels.size()) < slots) ts.panels.resize(slots);
     for (int64_t t = t0; t < t1; ++t) {
       Task task = task_at(t, split, G, row_ptr, col_ptr, mr);
-      const int64_t pb = task.p0 / kNR, slot = pb % slots;
-      if (ts.described[slot] != std::make_pair(call, pb)) {
-        ts.runs[slot] = describe_panel(G, task.p0, task.np, ts.panels[slot]);
-        ts.described[slot] = {call, pb};
+      const int64_t pb = task.p0 / kNR;
+      DescribedPanel& d = ts.panels[pb % slots];
+      if (d.call != call || d.index != pb) {
+        d.runs = describe_panel(G, task.p0, task.np, d.panel);
+        d.call = call, d.index = pb;
       }
-      task.panel = &ts.panels[slot], task.runs = ts.runs[slot] != 0;
+      task.panel = &d.panel, task.runs = d.runs;
       body(task, ts, bpanel);
     }
   });

@@ -31,14 +31,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def requires_cuda_kernels() -> Callable[[_F], _F]:
-    """Marks a test ``cuda`` (the selection ``benchmarks/gpu_check.sh`` runs: ``pytest -m cuda``) and skips it
-    unless a GPU and the CUDA build of ssl_lightning._C are present."""
+def cuda_kernels_here() -> bool:
+    """A GPU and the CUDA build of ssl_lightning._C are both present."""
     from ssl_lightning._ext import has_cuda_kernels
 
-    skip = pytest.mark.skipif(
-        not (torch.cuda.is_available() and has_cuda_kernels()), reason="needs a GPU and the CUDA build of _C"
-    )
+    return torch.cuda.is_available() and has_cuda_kernels()
+
+
+def requires_cuda_kernels() -> Callable[[_F], _F]:
+    """Marks a test ``cuda`` (the selection ``benchmarks/gpu_check.sh`` runs: ``pytest -m cuda``) and skips it
+    unless :func:`cuda_kernels_here`."""
+    skip = pytest.mark.skipif(not cuda_kernels_here(), reason="needs a GPU and the CUDA build of _C")
 
     def mark(test: _F) -> _F:
         return pytest.mark.cuda(skip(test))
