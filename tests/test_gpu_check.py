@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .conftest import cuda_kernels_here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,11 +37,17 @@ def test_cuda_selection_is_what_cpu_ci_skips() -> None:
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
-    from ssl_lightning._ext import has_cuda_kernels
-
-    if torch.cuda.is_available() and has_cuda_kernels():
+    if cuda_kernels_here():
         assert " passed" in summary and "failed" not in summary, summary
         return
     assert " skipped" in summary and "passed" not in summary and "failed" not in summary, summary
     reasons = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
     assert reasons and all("needs a GPU and the CUDA build of _C" in line for line in reasons), reasons
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the benchmark would run")
+def test_gpu_benchmark_without_a_gpu_is_a_clear_error() -> None:
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_compact_conv.py"), "--device", "cuda"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode != 0
+    assert "--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)" in run.stderr
