@@ -36,12 +36,10 @@ inline IndexLists host_index_lists(const at::Tensor& row_idx, const at::Tensor& 
 // Largest kernel size, stride, padding or dilation accepted: keeps every geometry product below 2^63.
 constexpr int64_t kMaxConvParam = int64_t(1) << 31;
 
-// Validates every argument (clear TORCH_CHECK messages) and returns the convolution geometry.
-inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
-                                              const IndexLists& idx, const std::optional<at::Tensor>& bias,
-                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                              int64_t out_channels) {
+// The checks that read no index value (dtypes, devices, dims, geometry); returns the convolution geometry.
+inline ConvGeometry check_conv_geometry(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef kernel_size,
+                                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                        int64_t groups, int64_t out_channels) {
   TORCH_CHECK(input.dim() == 4, "compact_conv2d: input must be N x C x H x W, got ", input.dim(), " dims");
   TORCH_CHECK(input.is_floating_point(), "compact_conv2d: input must be floating point, got ", input.scalar_type());
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "compact_conv2d: weight dtype ", weight.scalar_type(),
@@ -55,10 +53,6 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
   TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && out_channels % groups == 0,
               "compact_conv2d: groups (", groups, ") must divide the input channels (", input.size(1),
               ") and out_channels (", out_channels, ")");
-  const at::Tensor &row_idx = idx.row_idx, &row_ptr = idx.row_ptr, &col_idx = idx.col_idx, &col_ptr = idx.col_ptr;
-  TORCH_CHECK(row_ptr.numel() == groups + 1 && col_ptr.numel() == groups + 1,
-              "compact_conv2d: row_ptr and col_ptr need groups + 1 = ", groups + 1, " entries, got ", row_ptr.numel(),
-              " and ", col_ptr.numel());
   ConvGeometry G{};
   G.n = input.size(0), G.c = input.size(1), G.h = input.size(2), G.w = input.size(3);
   G.groups = groups, G.cg = G.c / groups, G.out_channels = out_channels, G.og = out_channels / groups;
@@ -78,7 +72,17 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
               ") is smaller than the dilated kernel ", kernel_size, " (dilation ", dilation, ")");
   G.ho = span_h / G.sh + 1;
   G.wo = span_w / G.sw + 1;
+  return G;
+}
 
+// The checks of the index lists' values (host copies) against the geometry; returns sum_g rows_g * cols_g, the
+// packed weight's length.
+inline int64_t check_index_values(const IndexLists& idx, const ConvGeometry& G) {
+  const at::Tensor &row_idx = idx.row_idx, &row_ptr = idx.row_ptr, &col_idx = idx.col_idx, &col_ptr = idx.col_ptr;
+  const int64_t groups = G.groups;
+  TORCH_CHECK(row_ptr.numel() == groups + 1 && col_ptr.numel() == groups + 1,
+              "compact_conv2d: row_ptr and col_ptr need groups + 1 = ", groups + 1, " entries, got ", row_ptr.numel(),
+              " and ", col_ptr.numel());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cp = col_ptr.const_data_ptr<int64_t>();
   const int64_t* ri = row_idx.const_data_ptr<int64_t>();
@@ -92,8 +96,6 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
               "compact_conv2d: row_ptr/col_ptr end (", rp[groups], ", ", cp[groups],
               ") must equal the number of kept rows/columns (", row_idx.numel(), ", ", col_idx.numel(), ")");
   for (int64_t g = 0; g < groups; ++g) w_expected += (rp[g + 1] - rp[g]) * (cp[g + 1] - cp[g]);  // bounded now
-  TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
-              " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
   // A row (output channel) may be kept once; a column once per group: a repeat would write one output
   // channel twice or add one input tap twice. Sorted lists (what CompactConv2d builds) are checked by one
   // comparison per entry on the hot path; only unsorted ones need the seen-flags.
@@ -126,12 +128,31 @@ inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at:
       for (int64_t k = cp[g]; k < cp[g + 1]; ++k) col_seen[ci[k]] = 0;
     }
   }
+  return w_expected;
+}
+
+// The checks of the packed weight's length and the bias (read no index value).
+inline void check_weight_and_bias(const at::Tensor& input, const at::Tensor& weight, int64_t w_expected,
+                                  const std::optional<at::Tensor>& bias, int64_t out_channels) {
+  TORCH_CHECK(weight.numel() == w_expected, "compact_conv2d: weight has ", weight.numel(),
+              " elements but the index lists need sum_g rows_g * cols_g = ", w_expected);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->numel() == out_channels && bias->scalar_type() == input.scalar_type() &&
                     bias->device() == input.device(),
                 "compact_conv2d: bias must be 1-D with out_channels = ", out_channels, " entries of dtype ",
                 input.scalar_type(), " on the input's device");
   }
+}
+
+// Validates every argument (clear TORCH_CHECK messages) and returns the convolution geometry.
+inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
+                                              const IndexLists& idx, const std::optional<at::Tensor>& bias,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                              int64_t out_channels) {
+  const ConvGeometry G =
+      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
+  check_weight_and_bias(input, weight, check_index_values(idx, G), bias, out_channels);
   return G;
 }
 

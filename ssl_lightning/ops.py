@@ -309,7 +309,7 @@ if has_compiled_ops():
             # create_graph=True (double backward, gradient penalties): the reference twin is built from
             # differentiable torch ops, so second-order gradients flow; the compiled backward has none.
             grad_in, grad_w = compact_conv2d_backward_reference(*args)
-        elif inp.device.type == "cpu":  # kept rows/columns only
+        elif inp.device.type == "cpu" or (inp.is_cuda and has_cuda_kernels()):  # kept rows/columns only
             grad_in, grad_w = torch.ops.ssl_lightning.compact_conv2d_backward(*args)
         else:
             grad_in, grad_w = compact_conv2d_backward_reference(*args)
