@@ -12,6 +12,9 @@
 // Two kernels: `simt` (CUDA cores, exact in the input dtype's accumulate type: fp32 for fp32/fp16/bf16, fp64
 // for fp64) and `wmma` (tensor cores through nvcuda::wmma, sm_80+: fp16 and bf16 with fp32 accumulation, and
 // fp32 as TF32 when torch allows TF32 for cuDNN convolutions).
+//
+// The kernels and their host glue (compact_conv_impl.cuh) also compile as plain C++ against the CPU emulation of
+// tests/cuda_emulation (SSL_LIGHTNING_CUDA_EMULATION), which runs them thread by thread on small cases in CPU CI.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,7 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "index_plan.h"
+#include "plan.h"
 
 namespace ssl_lightning {
 namespace implicit_gemm {
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     wmma_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                 const cuda_plan::GroupDesc* __restrict__ groups, const int64_t* __restrict__ rows,
                 const int64_t* __restrict__ removed, const int4* __restrict__ taps, Conv cv, T* __restrict__ out) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(SSL_LIGHTNING_CUDA_EMULATION)
   namespace wmma = nvcuda::wmma;
   using M = Mma<T>;
   constexpr int BM = kMmaBM, BN = kMmaBN, BK = M::BK, NT = kMmaThreads;

@@ -1,0 +1,72 @@
+// The CUDA compact_conv2d kernels and host glue (csrc/cuda/compact_conv_impl.cuh), compiled as C++ against the
+// CPU emulation in stub/ and registered as ssl_lightning_emulated::{compact_conv2d, compact_conv2d_backward} on
+// CPU tensors; tests/test_cuda_emulation.py builds this file and compares it with the reference twins.
+#include "cuda_emulation.h"  // before the kernels: defines the CUDA keywords and built-ins
+
+#include <torch/library.h>
+
+#include "../../csrc/compact_conv_args.h"
+#include "../../csrc/cuda/compact_conv_impl.cuh"
+#include "../../csrc/cuda/plan.h"
+
+#include <string>
+
+namespace {
+
+using namespace ssl_lightning;
+
+// "auto": the tensor-core (wmma) kernel where the dtype has one (TF32 for fp32), as on an sm_80+ GPU with TF32
+// allowed; "simt": the CUDA-core kernel; "lowered": panel + GEMM.
+cuda_impl::Gemm parse(const std::string& gemm) {
+  if (gemm == "auto") return cuda_impl::Gemm::kAuto;
+  if (gemm == "simt") return cuda_impl::Gemm::kSimt;
+  TORCH_CHECK(gemm == "lowered", "gemm must be auto, simt or lowered, got '", gemm, "'");
+  return cuda_impl::Gemm::kLowered;
+}
+
+at::Tensor emulated_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
+                         const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
+                         const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
+                         bool compact_output, const std::string& gemm) {
+  const ConvGeometry G =
+      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
+  const auto plan =
+      cuda_plan::build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
+  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
+  const bool tensor_cores = input.scalar_type() != at::kDouble;
+  return cuda_impl::forward(emu::Launch{}, input.contiguous(), weight.contiguous(), *plan, bias, G, compact_output,
+                            parse(gemm), tensor_cores);
+}
+
+std::tuple<at::Tensor, at::Tensor> emulated_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
+    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
+    bool compact_output, std::array<bool, 2> output_mask) {
+  const ConvGeometry G =
+      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
+  const auto plan =
+      cuda_plan::build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
+  check_weight_and_bias(input, weight, plan->w_expected, std::nullopt, out_channels);
+  return cuda_impl::backward(emu::Launch{}, grad_output.contiguous(), input.contiguous(), weight.contiguous(), *plan,
+                             G, compact_output, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ssl_lightning_emulated, m) {
+  m.def(
+      "compact_conv2d(Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, Tensor col_idx, "
+      "Tensor col_ptr, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int out_channels, bool compact_output, str gemm) -> Tensor");
+  m.def(
+      "compact_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, "
+      "Tensor col_idx, Tensor col_ptr, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, int out_channels, bool compact_output, bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ssl_lightning_emulated, CPU, m) {
+  m.impl("compact_conv2d", &emulated_conv);
+  m.impl("compact_conv2d_backward", &emulated_backward);
+}
