@@ -14,6 +14,7 @@ import torch
 
 from ssl_lightning import ops
 
+from .test_compact_conv import case
 from .test_cuda_conv import TOLERANCE, big_case, forward_error, random_case
 
 HERE = Path(__file__).parent / "cuda_emulation"
@@ -99,3 +100,47 @@ def test_emulated_cuda_backward_matches_reference(emulated: Any, seed: int) -> N
     only_w = emulated.compact_conv2d_backward(*args, [False, True])
     assert torch.equal(only_x[0], got_x) and only_x[1].numel() == 0
     assert torch.equal(only_w[1], got_w) and only_w[0].numel() == 0
+
+
+def test_plan_cache_reuses_a_plan_until_an_index_tensor_changes(emulated: Any) -> None:
+    """The plan cache the CUDA op keeps (index lists checked and uploaded once per index tensors), on the host."""
+    _x, _w, ri, rp, ci, cp, *_ = case(0)
+    assert ci.numel() > 0
+    geometry = (2, 4, 6, 3, 3)  # groups, cg, og, kh, kw of case(0)
+
+    def get(*lists: torch.Tensor) -> list[int]:
+        return emulated.plan_cache_get(*lists, *geometry)
+
+    uploads, entries, _ = get(ri, rp, ci, cp)
+    assert get(ri, rp, ci, cp)[:2] == [uploads, entries]  # same tensors: the plan is reused, nothing uploaded
+    ci2 = ci.clone()
+    assert get(ri, rp, ci2, cp)[0] == uploads + 1  # another tensor (same values): checked and uploaded again
+    with torch.no_grad():
+        ci2.copy_(ci)  # an in-place write bumps the version: the plan is stale
+    assert get(ri, rp, ci2, cp)[0] == uploads + 2
+    assert get(ri, rp, ci2, cp)[0] == uploads + 2
+    with torch.inference_mode():
+        inference_ci = ci.clone()
+    assert get(ri, rp, inference_ci, cp)[0] == uploads + 3  # inference tensors have no version: never kept
+    assert get(ri, rp, inference_ci, cp)[0] == uploads + 4
+    size_before = get(ri, rp, ci2, cp)[1]
+    del ci2  # its entries die with it, and the device is synchronised before their tables are freed
+    _, size_after, syncs = get(ri, rp, ci.clone(), cp)
+    assert size_after < size_before + 1 and syncs >= 1
+    bad = ci.clone()
+    bad[0] = 10**6
+    with pytest.raises(RuntimeError, match="column index"):
+        get(ri, rp, bad, cp)
+
+
+def test_plan_cache_miss_during_a_capture_is_a_clear_error(emulated: Any) -> None:
+    _x, _w, ri, rp, ci, cp, *_ = case(1, groups=1)
+    geometry = (1, 4, 6, 3, 3)
+    emulated.plan_cache_get(ri, rp, ci, cp, *geometry)
+    emulated.set_capturing(True)
+    try:
+        emulated.plan_cache_get(ri, rp, ci, cp, *geometry)  # seen before the capture: fine
+        with pytest.raises(RuntimeError, match="outside the capture"):
+            emulated.plan_cache_get(ri, rp, ci.clone(), cp, *geometry)
+    finally:
+        emulated.set_capturing(False)

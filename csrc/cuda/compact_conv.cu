@@ -82,7 +82,7 @@ at::Tensor compact_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
   const ConvGeometry G =
       check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
   check_dtype(input);
-  const auto plan = cuda_plan::PlanCache::instance().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
+  const auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
   check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
   const Gemm gemm = gemm_switch();
   const at::Tensor x = input.contiguous();
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cuda(
   const ConvGeometry G =
       check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
   check_dtype(input);
-  const auto plan = cuda_plan::PlanCache::instance().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
+  const auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
   check_weight_and_bias(input, weight, plan->w_expected, std::nullopt, out_channels);
   const int64_t out_rows = compact_output ? plan->rp.back() : out_channels;
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&

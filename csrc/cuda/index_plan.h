@@ -17,16 +17,10 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include "plan.h"
 
-#include <array>
-#include <cstdint>
 #include <memory>
-#include <mutex>
-#include <utility>
-#include <vector>
 
 namespace ssl_lightning {
 namespace cuda_plan {
@@ -42,94 +36,22 @@ inline std::shared_ptr<const Plan> to_device(const Plan& host, const at::Device&
   return plan;
 }
 
-// A cache of plans keyed by the index tensors' identity, versions and the geometry they were checked against.
-class PlanCache {
- public:
-  static PlanCache& instance() {
-    static PlanCache* cache = new PlanCache();  // never destroyed: device memory outlives static destructors
-    return *cache;
+// The CUDA side of the plan cache.
+struct CudaPlanDevice {
+  static bool capturing() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
-
-  std::shared_ptr<const Plan> get(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                  const at::Tensor& col_ptr, const ConvGeometry& G, const at::Device& device) {
-    const std::array<const at::Tensor*, 4> lists{&row_idx, &row_ptr, &col_idx, &col_ptr};
-    static const char* names[4] = {"row_idx", "row_ptr", "col_idx", "col_ptr"};
-    for (int i = 0; i < 4; ++i) {  // what can be checked without reading a value
-      const at::Tensor& t = *lists[i];
-      TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, "compact_conv2d: ", names[i],
-                  " must be a 1-D int64 tensor, got ", t.sizes(), " ", t.scalar_type());
-      TORCH_CHECK(t.device().is_cpu() || t.device() == device, "compact_conv2d: ", names[i], " is on ", t.device(),
-                  "; index lists must be on the CPU or on the input's device (", device, ")");
-    }
-    bool cacheable = true;
-    for (const at::Tensor* t : lists) cacheable = cacheable && !t->is_inference();
-    Key key;
-    if (cacheable) {
-      for (int i = 0; i < 4; ++i) {
-        key.impls[i] = lists[i]->unsafeGetTensorImpl();
-        key.versions[i] = lists[i]->_version();
-        key.data[i] = lists[i]->const_data_ptr();
-      }
-      key.geometry = {device.index(), G.groups, G.cg, G.og, G.kh, G.kw, G.dh, G.dw, G.ph, G.pw};
-      const std::lock_guard<std::mutex> lock(mu_);
-      for (const Entry& e : entries_)
-        if (e.key.same(key) && !e.refs[0].expired()) return e.plan;
-    }
-    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-                "compact_conv2d: these index lists were not seen before a CUDA graph capture began; run the op "
-                "(or the model) once outside the capture so that they are checked and copied to the GPU (a "
-                "capture cannot read them on the host)");
-    auto plan = to_device(*build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, device), G), device);
-    if (cacheable) {
-      Entry e{key,
-              {WeakRef(row_idx.getIntrusivePtr()), WeakRef(row_ptr.getIntrusivePtr()),
-               WeakRef(col_idx.getIntrusivePtr()), WeakRef(col_ptr.getIntrusivePtr())},
-              plan};
-      const std::lock_guard<std::mutex> lock(mu_);
-      evict_locked();
-      entries_.push_back(std::move(e));
-    }
-    return plan;
+  static void synchronize() { c10::cuda::device_synchronize(); }
+  static std::shared_ptr<const Plan> upload(const Plan& host, const at::Device& device) {
+    return to_device(host, device);
   }
-
- private:
-  using WeakRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Key {
-    std::array<const c10::TensorImpl*, 4> impls{};
-    std::array<int64_t, 4> versions{};
-    std::array<const void*, 4> data{};
-    std::array<int64_t, 10> geometry{};
-    bool same(const Key& o) const {
-      return impls == o.impls && versions == o.versions && data == o.data && geometry == o.geometry;
-    }
-  };
-  struct Entry {
-    Key key;
-    std::array<WeakRef, 4> refs;  // keep the TensorImpl addresses from being reused while the entry lives
-    std::shared_ptr<const Plan> plan;
-  };
-  static constexpr size_t kCapacity = 512;
-
-  // Drops the entries whose tensors are gone or were written since (a newer version exists), and beyond the
-  // capacity the oldest. A kernel of the current call may still read a dropped plan's tables on another
-  // stream: the device is synchronised first (evictions happen only on a miss, never inside a capture).
-  void evict_locked() {
-    bool any = false;
-    for (const Entry& e : entries_) any = any || e.refs[0].expired() || e.refs[1].expired() ||
-                                          e.refs[2].expired() || e.refs[3].expired();
-    if (!any && entries_.size() < kCapacity) return;
-    c10::cuda::device_synchronize();
-    std::vector<Entry> keep;
-    for (Entry& e : entries_)
-      if (!(e.refs[0].expired() || e.refs[1].expired() || e.refs[2].expired() || e.refs[3].expired()))
-        keep.push_back(std::move(e));
-    if (keep.size() >= kCapacity) keep.erase(keep.begin(), keep.begin() + (keep.size() - kCapacity / 2));
-    entries_ = std::move(keep);
-  }
-
-  std::mutex mu_;
-  std::vector<Entry> entries_;
 };
+
+// The process's plan cache for CUDA devices (never destroyed: device memory outlives static destructors).
+inline PlanCache<CudaPlanDevice>& plan_cache() {
+  static auto* cache = new PlanCache<CudaPlanDevice>();
+  return *cache;
+}
 
 }  // namespace cuda_plan
 }  // namespace ssl_lightning

@@ -1,16 +1,21 @@
 // The index plan of ssl_lightning::compact_conv2d's CUDA kernels: the index lists checked once and turned into
-// the tables the kernels read (host code only; index_plan.h keeps device copies per index tensors).
+// the tables the kernels read, and the cache that keeps a plan per index tensors (host code only; index_plan.h
+// instantiates the cache for CUDA devices, see there for what "same tensors" means).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include "../compact_conv_args.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace ssl_lightning {
@@ -109,6 +114,104 @@ inline std::shared_ptr<Plan> build_plan(const IndexLists& h, const ConvGeometry&
   plan->chan_list = chan_list;
   return plan;
 }
+
+// A cache of plans keyed by the index tensors' identity, versions and the geometry they were checked against.
+// Device: the device side, as static functions: `capturing()` (a CUDA graph capture is under way on the current
+// stream), `synchronize()` (the device, before tables in use may be freed) and `upload(plan, device)` (the plan
+// with its tables on the device). index_plan.h instantiates it for CUDA; the CPU emulation tests it on the host.
+template <typename Device>
+class PlanCache {
+ public:
+  std::shared_ptr<const Plan> get(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                  const at::Tensor& col_ptr, const ConvGeometry& G, const at::Device& device) {
+    const std::array<const at::Tensor*, 4> lists{&row_idx, &row_ptr, &col_idx, &col_ptr};
+    static const char* names[4] = {"row_idx", "row_ptr", "col_idx", "col_ptr"};
+    for (int i = 0; i < 4; ++i) {  // what can be checked without reading a value
+      const at::Tensor& t = *lists[i];
+      TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, "compact_conv2d: ", names[i],
+                  " must be a 1-D int64 tensor, got ", t.sizes(), " ", t.scalar_type());
+      TORCH_CHECK(t.device().is_cpu() || t.device() == device, "compact_conv2d: ", names[i], " is on ", t.device(),
+                  "; index lists must be on the CPU or on the input's device (", device, ")");
+    }
+    bool cacheable = true;
+    for (const at::Tensor* t : lists) cacheable = cacheable && !t->is_inference();
+    Key key;
+    if (cacheable) {
+      for (int i = 0; i < 4; ++i) {
+        key.impls[i] = lists[i]->unsafeGetTensorImpl();
+        key.versions[i] = lists[i]->_version();
+        key.data[i] = lists[i]->const_data_ptr();
+      }
+      key.geometry = {device.index(), G.groups, G.cg, G.og, G.kh, G.kw, G.dh, G.dw, G.ph, G.pw};
+      const std::lock_guard<std::mutex> lock(mu_);
+      for (const Entry& e : entries_)
+        if (e.key.same(key) && !e.refs[0].expired()) return e.plan;
+    }
+    TORCH_CHECK(!Device::capturing(),
+                "compact_conv2d: these index lists were not seen before a CUDA graph capture began; run the op "
+                "(or the model) once outside the capture so that they are checked and copied to the GPU (a "
+                "capture cannot read them on the host)");
+    auto plan = Device::upload(*build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, device), G), device);
+    if (cacheable) {
+      Entry e{key,
+              {WeakRef(row_idx.getIntrusivePtr()), WeakRef(row_ptr.getIntrusivePtr()),
+               WeakRef(col_idx.getIntrusivePtr()), WeakRef(col_ptr.getIntrusivePtr())},
+              plan};
+      const std::lock_guard<std::mutex> lock(mu_);
+      evict_locked();
+      entries_.push_back(std::move(e));
+    }
+    return plan;
+  }
+
+  size_t size() {
+    const std::lock_guard<std::mutex> lock(mu_);
+    return entries_.size();
+  }
+
+ private:
+  using WeakRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Key {
+    std::array<const c10::TensorImpl*, 4> impls{};
+    std::array<int64_t, 4> versions{};
+    std::array<const void*, 4> data{};
+    std::array<int64_t, 10> geometry{};
+    bool same(const Key& o) const {
+      return impls == o.impls && versions == o.versions && data == o.data && geometry == o.geometry;
+    }
+  };
+  struct Entry {
+    Key key;
+    std::array<WeakRef, 4> refs;  // keep the TensorImpl addresses from being reused while the entry lives
+    std::shared_ptr<const Plan> plan;
+  };
+  static constexpr size_t kCapacity = 512;
+
+  // An entry no call can hit again: one of its tensors is gone, or was written since (versions only grow).
+  static bool dead(const Entry& e) {
+    for (int i = 0; i < 4; ++i) {
+      const c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> t = e.refs[i].lock();
+      if (!t || t->version_counter().current_version() != e.key.versions[i]) return true;
+    }
+    return false;
+  }
+
+  // Drops the dead entries and, beyond the capacity, the oldest. A kernel of an earlier call may still read a
+  // dropped plan's tables on another stream: the device is synchronised first (evictions happen only on a
+  // miss, never inside a capture).
+  void evict_locked() {
+    std::vector<Entry> keep;
+    for (Entry& e : entries_)
+      if (!dead(e)) keep.push_back(std::move(e));
+    if (keep.size() >= kCapacity) keep.erase(keep.begin(), keep.begin() + (keep.size() - kCapacity / 2));
+    if (keep.size() == entries_.size()) return;
+    Device::synchronize();
+    entries_ = std::move(keep);
+  }
+
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
 
 }  // namespace cuda_plan
 }  // namespace ssl_lightning

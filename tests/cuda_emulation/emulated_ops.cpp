@@ -9,7 +9,9 @@
 #include "../../csrc/cuda/compact_conv_impl.cuh"
 #include "../../csrc/cuda/plan.h"
 
+#include <atomic>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -53,9 +55,44 @@ std::tuple<at::Tensor, at::Tensor> emulated_backward(
                              G, compact_output, output_mask);
 }
 
+// The plan cache's device side on the host: counts uploads and synchronisations, captures on demand.
+struct HostPlanDevice {
+  static inline std::atomic<int64_t> uploads{0}, syncs{0};
+  static inline std::atomic<bool> capture{false};
+  static bool capturing() { return capture.load(); }
+  static void synchronize() { ++syncs; }
+  static std::shared_ptr<const cuda_plan::Plan> upload(const cuda_plan::Plan& host, const at::Device&) {
+    ++uploads;
+    return std::make_shared<cuda_plan::Plan>(host);
+  }
+};
+
+cuda_plan::PlanCache<HostPlanDevice>& host_cache() {
+  static auto* cache = new cuda_plan::PlanCache<HostPlanDevice>();
+  return *cache;
+}
+
+// Looks the index lists up in the host cache as a conv of `groups` groups, cg input channels and og filters per
+// group, kh x kw kernel would; returns [plans uploaded so far, entries, device synchronisations so far].
+std::vector<int64_t> plan_cache_get(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                    const at::Tensor& col_ptr, int64_t groups, int64_t cg, int64_t og, int64_t kh,
+                                    int64_t kw) {
+  ConvGeometry G{};
+  G.n = 1, G.c = groups * cg, G.h = kh, G.w = kw, G.groups = groups, G.cg = cg, G.out_channels = groups * og;
+  G.og = og, G.kh = kh, G.kw = kw, G.sh = G.sw = G.dh = G.dw = 1, G.ho = G.wo = 1;
+  host_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, at::Device(at::kCPU));
+  return {HostPlanDevice::uploads.load(), int64_t(host_cache().size()), HostPlanDevice::syncs.load()};
+}
+
+void set_capturing(bool on) { HostPlanDevice::capture = on; }
+
 }  // namespace
 
 TORCH_LIBRARY(ssl_lightning_emulated, m) {
+  m.def(
+      "plan_cache_get(Tensor row_idx, Tensor row_ptr, Tensor col_idx, Tensor col_ptr, int groups, int cg, int og, "
+      "int kh, int kw) -> int[]");
+  m.def("set_capturing(bool on) -> ()");
   m.def(
       "compact_conv2d(Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, Tensor col_idx, "
       "Tensor col_ptr, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
@@ -64,6 +101,11 @@ TORCH_LIBRARY(ssl_lightning_emulated, m) {
       "compact_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor row_idx, Tensor row_ptr, "
       "Tensor col_idx, Tensor col_ptr, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int out_channels, bool compact_output, bool[2] output_mask) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ssl_lightning_emulated, CompositeExplicitAutograd, m) {
+  m.impl("plan_cache_get", &plan_cache_get);
+  m.impl("set_capturing", &set_capturing);
 }
 
 TORCH_LIBRARY_IMPL(ssl_lightning_emulated, CPU, m) {
