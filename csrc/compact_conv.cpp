@@ -382,12 +382,7 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cpu(
                                                    dilation, groups, out_channels);
   const at::Tensor &row_idx = idx.row_idx, &row_ptr = idx.row_ptr, &col_idx = idx.col_idx, &col_ptr = idx.col_ptr;
   const int64_t out_rows = compact_output ? row_idx.numel() : out_channels;
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&
-                  grad_output.size(2) == G.ho && grad_output.size(3) == G.wo,
-              "compact_conv2d_backward: grad_output must be ", G.n, " x ", out_rows, " x ", G.ho, " x ", G.wo,
-              ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "compact_conv2d_backward: grad_output dtype ",
-              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  check_grad_output(grad_output, input, G, out_rows);
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t* cpp = col_ptr.const_data_ptr<int64_t>();
   const int64_t* ci = col_idx.const_data_ptr<int64_t>();

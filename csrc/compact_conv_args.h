@@ -144,6 +144,17 @@ inline void check_weight_and_bias(const at::Tensor& input, const at::Tensor& wei
   }
 }
 
+// The backward's grad_output: N x out_rows x Ho x Wo in the input's dtype.
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& G,
+                              int64_t out_rows) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&
+                  grad_output.size(2) == G.ho && grad_output.size(3) == G.wo,
+              "compact_conv2d_backward: grad_output must be ", G.n, " x ", out_rows, " x ", G.ho, " x ", G.wo,
+              ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "compact_conv2d_backward: grad_output dtype ",
+              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
+}
+
 // Validates every argument (clear TORCH_CHECK messages) and returns the convolution geometry.
 inline ConvGeometry check_compact_conv2d_args(const at::Tensor& input, const at::Tensor& weight,
                                               const IndexLists& idx, const std::optional<at::Tensor>& bias,

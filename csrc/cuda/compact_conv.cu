@@ -107,12 +107,7 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cuda(
   const auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
   check_weight_and_bias(input, weight, plan->w_expected, std::nullopt, out_channels);
   const int64_t out_rows = compact_output ? plan->rp.back() : out_channels;
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == G.n && grad_output.size(1) == out_rows &&
-                  grad_output.size(2) == G.ho && grad_output.size(3) == G.wo,
-              "compact_conv2d_backward: grad_output must be ", G.n, " x ", out_rows, " x ", G.ho, " x ", G.wo,
-              ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "compact_conv2d_backward: grad_output dtype ",
-              grad_output.scalar_type(), " differs from input dtype ", input.scalar_type());
+  check_grad_output(grad_output, input, G, out_rows);
   return cuda_impl::backward(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, grad_output.contiguous(),
                              input.contiguous(), weight.contiguous(), *plan, G, compact_output, output_mask);
 }

@@ -118,6 +118,69 @@ __device__ __forceinline__ void fill_removed(const cuda_plan::GroupDesc& gd, con
   }
 }
 
+// One thread's part of a block's K loop, shared by both kernels: the block's group, first kept row m0 and first
+// position q0; per K tile, A_PER weights (A: BM x BK, kk fastest, coalesced along the weight rows) and B_PER
+// gathered inputs (B: BK x BN, one position per thread, decoded once) loaded into registers of type R.
+template <typename T, typename R, int BM, int BN, int BK, int NT>
+struct TileLoads {
+  static constexpr int A_PER = BM * BK / NT, B_PER = BK * BN / NT;
+  static_assert(A_PER * NT == BM * BK && B_PER * NT == BK * BN && NT % BN == 0, "tile and block sizes");
+  cuda_plan::GroupDesc gd;
+  int64_t m0, q0, k;
+  int t, bn;
+  Position<T> pos;
+  const T* wg;
+  const int4* taps;
+  T zero;
+  R ra[A_PER], rb[B_PER];
+
+  // Where load i of this thread lands in the tile: A row / column, B row (B's column is bn).
+  __device__ __forceinline__ int a_m(int i) const { return (t + NT * i) / BK; }
+  __device__ __forceinline__ int a_kk(int i) const { return (t + NT * i) % BK; }
+  __device__ __forceinline__ int b_kk(int i) const { return t / BN + (NT / BN) * i; }
+
+  static __device__ __forceinline__ R reg(T v) {
+    if constexpr (std::is_same_v<R, T>) {
+      return v;
+    } else {
+      return R(to_acc(v));
+    }
+  }
+
+  // Starts the block: the removed filters' rows of its positions (grid row 0, full-width output), then false
+  // when it has no kept rows (uniform over the block).
+  __device__ bool begin(const T* x, const T* w, const T* bias, const cuda_plan::GroupDesc* groups,
+                        const int64_t* removed, const int4* taps_, const Conv& cv, T* out) {
+    const int64_t g = blockIdx.z;
+    gd = groups[g];
+    m0 = int64_t(blockIdx.y) * BM, q0 = int64_t(blockIdx.x) * BN;
+    t = threadIdx.x;
+    zero = zero_of<T>();
+    if (blockIdx.y == 0 && !cv.compact) fill_removed(gd, removed, bias, q0, BN, cv, out, zero);
+    if (m0 >= gd.rows) return false;
+    bn = t % BN;
+    pos = decode_position(x, q0 + bn, g, cv);
+    wg = w + gd.woff;
+    k = gd.cols;
+    taps = taps_ + gd.col0;
+    return true;
+  }
+
+  // The loads of the K tile starting at column k0 (zeros past the kept rows, columns and positions).
+  __device__ __forceinline__ void load(int64_t k0, const Conv& cv) {
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+      const int m = a_m(i), kk = a_kk(i);
+      ra[i] = reg((m0 + m < gd.rows && k0 + kk < k) ? wg[(m0 + m) * k + k0 + kk] : zero);
+    }
+#pragma unroll
+    for (int i = 0; i < B_PER; ++i) {
+      const int kk = b_kk(i);
+      rb[i] = reg(k0 + kk < k ? gather(pos, taps[k0 + kk], cv, zero) : zero);
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // CUDA-core kernel: 64 x 64 tile, 256 threads, 4 x 4 outputs per thread (rows ty + 16 i, positions tx + 16 j so
 // that a warp reads shared memory without bank conflicts and writes 16 consecutive positions per row).
@@ -131,52 +194,28 @@ __global__ void __launch_bounds__(kSimtThreads)
                 const int64_t* __restrict__ removed, const int4* __restrict__ taps, Conv cv, T* __restrict__ out) {
   using Acc = typename AccOf<T>::type;
   constexpr int BM = kSimtBM, BN = kSimtBN, BK = kSimtBK, NT = kSimtThreads;
-  constexpr int A_PER = BM * BK / NT, B_PER = BK * BN / NT;  // 4 and 4
-  __shared__ Acc As[BK][BM + 4];                             // A transposed: As[kk][m]
+  __shared__ Acc As[BK][BM + 4];  // A transposed: As[kk][m]
   __shared__ Acc Bs[BK][BN + 4];
-  const int64_t g = blockIdx.z;
-  const cuda_plan::GroupDesc gd = groups[g];
-  const int64_t m0 = int64_t(blockIdx.y) * BM, q0 = int64_t(blockIdx.x) * BN;
-  const int t = threadIdx.x;
-  const T zero = zero_of<T>();
-  if (blockIdx.y == 0 && !cv.compact) fill_removed(gd, removed, bias, q0, BN, cv, out, zero);
-  if (m0 >= gd.rows) return;  // uniform over the block
-
-  const int bn = t % BN;
-  const Position<T> pos = decode_position(x, q0 + bn, g, cv);
-  const T* wg = w + gd.woff;
-  const int64_t k = gd.cols;
-  Acc ra[A_PER], rb[B_PER];
-  auto load = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < A_PER; ++i) {
-      const int idx = t + NT * i, kk = idx % BK, m = idx / BK;
-      ra[i] = (m0 + m < gd.rows && k0 + kk < k) ? to_acc(wg[(m0 + m) * k + k0 + kk]) : Acc(0);
-    }
-#pragma unroll
-    for (int i = 0; i < B_PER; ++i) {
-      const int kk = t / BN + (NT / BN) * i;
-      rb[i] = k0 + kk < k ? to_acc(gather(pos, taps[gd.col0 + k0 + kk], cv, zero)) : Acc(0);
-    }
-  };
+  TileLoads<T, Acc, BM, BN, BK, NT> tl;
+  if (!tl.begin(x, w, bias, groups, removed, taps, cv, out)) return;
+  const int64_t m0 = tl.m0, q0 = tl.q0, k = tl.k;
+  const cuda_plan::GroupDesc& gd = tl.gd;
+  const int t = tl.t;
   Acc acc[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
   const int tx = t % 16, ty = t / 16;
-  if (k > 0) load(0);
+  if (k > 0) tl.load(0, cv);
   for (int64_t k0 = 0; k0 < k; k0 += BK) {
     __syncthreads();  // the previous tile's products are done
 #pragma unroll
-    for (int i = 0; i < A_PER; ++i) {
-      const int idx = t + NT * i;
-      As[idx % BK][idx / BK] = ra[i];
-    }
+    for (int i = 0; i < tl.A_PER; ++i) As[tl.a_kk(i)][tl.a_m(i)] = tl.ra[i];
 #pragma unroll
-    for (int i = 0; i < B_PER; ++i) Bs[t / BN + (NT / BN) * i][bn] = rb[i];
+    for (int i = 0; i < tl.B_PER; ++i) Bs[tl.b_kk(i)][tl.bn] = tl.rb[i];
     __syncthreads();
-    if (k0 + BK < k) load(k0 + BK);  // the next tile's loads are in flight during the products
+    if (k0 + BK < k) tl.load(k0 + BK, cv);  // the next tile's loads are in flight during the products
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
       Acc a[4], b[4];
@@ -253,53 +292,29 @@ __global__ void __launch_bounds__(kMmaThreads)
   using M = Mma<T>;
   constexpr int BM = kMmaBM, BN = kMmaBN, BK = M::BK, NT = kMmaThreads;
   constexpr int LDA = BK + M::PAD, LDB = BN + M::PAD, LDS = 16 + 4;
-  constexpr int A_PER = BM * BK / NT, B_PER = BK * BN / NT;
-  __shared__ __align__(128) T As[BM * LDA];       // A row-major: As[m * LDA + kk]
-  __shared__ __align__(128) T Bs[BK * LDB];       // B row-major: Bs[kk * LDB + n]
+  __shared__ __align__(128) T As[BM * LDA];         // A row-major: As[m * LDA + kk]
+  __shared__ __align__(128) T Bs[BK * LDB];         // B row-major: Bs[kk * LDB + n]
   __shared__ __align__(128) float Cs[8][16 * LDS];  // one 16 x 16 accumulator per warp for the epilogue
-  const int64_t g = blockIdx.z;
-  const cuda_plan::GroupDesc gd = groups[g];
-  const int64_t m0 = int64_t(blockIdx.y) * BM, q0 = int64_t(blockIdx.x) * BN;
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  const T zero = zero_of<T>();
-  if (blockIdx.y == 0 && !cv.compact) fill_removed(gd, removed, bias, q0, BN, cv, out, zero);
-  if (m0 >= gd.rows) return;  // uniform over the block
-
-  const int bn = t % BN;
-  const Position<T> pos = decode_position(x, q0 + bn, g, cv);
-  const T* wg = w + gd.woff;
-  const int64_t k = gd.cols;
-  T ra[A_PER], rb[B_PER];
-  auto load = [&](int64_t k0) {
-#pragma unroll
-    for (int i = 0; i < A_PER; ++i) {
-      const int idx = t + NT * i, kk = idx % BK, m = idx / BK;
-      ra[i] = (m0 + m < gd.rows && k0 + kk < k) ? wg[(m0 + m) * k + k0 + kk] : zero;
-    }
-#pragma unroll
-    for (int i = 0; i < B_PER; ++i) {
-      const int kk = t / BN + (NT / BN) * i;
-      rb[i] = k0 + kk < k ? gather(pos, taps[gd.col0 + k0 + kk], cv, zero) : zero;
-    }
-  };
+  TileLoads<T, T, BM, BN, BK, NT> tl;
+  if (!tl.begin(x, w, bias, groups, removed, taps, cv, out)) return;
+  const int64_t m0 = tl.m0, q0 = tl.q0, k = tl.k;
+  const cuda_plan::GroupDesc& gd = tl.gd;
+  const int warp = tl.t / 32, lane = tl.t % 32;
   const int wm = warp / 4, wn = warp % 4;  // warp tile: rows wm*64 .. +64, positions wn*32 .. +32
   typename M::CFrag acc[4][2];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  if (k > 0) load(0);
+  if (k > 0) tl.load(0, cv);
   for (int64_t k0 = 0; k0 < k; k0 += BK) {
     __syncthreads();
 #pragma unroll
-    for (int i = 0; i < A_PER; ++i) {
-      const int idx = t + NT * i;
-      As[(idx / BK) * LDA + idx % BK] = ra[i];
-    }
+    for (int i = 0; i < tl.A_PER; ++i) As[tl.a_m(i) * LDA + tl.a_kk(i)] = tl.ra[i];
 #pragma unroll
-    for (int i = 0; i < B_PER; ++i) Bs[(t / BN + (NT / BN) * i) * LDB + bn] = rb[i];
+    for (int i = 0; i < tl.B_PER; ++i) Bs[tl.b_kk(i) * LDB + tl.bn] = tl.rb[i];
     __syncthreads();
-    if (k0 + BK < k) load(k0 + BK);
+    if (k0 + BK < k) tl.load(k0 + BK, cv);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += M::FK) {
       typename M::AFrag a[4];
