@@ -255,9 +255,10 @@ def _main() -> None:
         if any(os.environ.get(k) != v for k, v in capped.items()):  # oneDNN / MKL read them once, at start
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **capped})
     torch.set_num_threads(args.threads)
+    cuda_gemm = os.environ.get("SSL_LIGHTNING_CUDA_GEMM", "auto")  # the CUDA op's kernel (read at every call)
     where = (
         f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-        f"TF32 {'on' if args.tf32 else 'off'})"
+        f"TF32 {'on' if args.tf32 else 'off'}, op kernel SSL_LIGHTNING_CUDA_GEMM={cuda_gemm})"
         if cuda
         else f"{platform.machine()} ({platform.processor() or 'cpu'}), threads {torch.get_num_threads()}"
     )
@@ -276,7 +277,9 @@ def _main() -> None:
             if args.suite not in suite:
                 continue
             gen = torch.Generator().manual_seed(0)
-            suffix = "" if dtype == torch.float32 else f", {args.dtype}"
+            suffix = ("" if dtype == torch.float32 else f", {args.dtype}") + (
+                f", {cuda_gemm} CUDA kernel" if cuda and cuda_gemm != "auto" else ""
+            )
             lines += ["", f"### {suite}, batch {batch}{suffix}", ""]
             lines.append("| layer | dense ms | " + " | ".join(cols) + " | fused % of ideal | module impl |")
             lines.append("|---" * (len(cols) + 4) + "|")
@@ -288,6 +291,7 @@ def _main() -> None:
                 sp["ideal"] = ideal
                 speed.append(sp)
                 records.append({"suite": suite, "batch": batch, "layer": layer.name, "dense_ms": 1e3 * t["dense"],
+                                "dtype": args.dtype, "cuda_gemm": cuda_gemm if cuda else None,
                                 "speedup": {k: v for k, v in sp.items() if k != "ideal"}, "ideal": ideal,
                                 "module_impl": mod_impl})  # fmt: skip
                 row = [f"{sp[c]:.2f}" if c in sp else "–" for c in cols]

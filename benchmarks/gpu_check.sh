@@ -51,11 +51,17 @@ if [ -x "$cs" ]; then
 fi
 
 echo "gpu_check: benchmark (AlexNet rows 2 and 5 vs cuDNN)"
-runs=("float32" "float32 --tf32" "bfloat16")
+# kernel (SSL_LIGHTNING_CUDA_GEMM), dtype, batches, TF32: fp32 exact runs the CUDA-core kernel, fp32 + TF32 and
+# bf16 the tensor-core one; at batch 32 also the older lowered-panel + cuBLAS path and bf16 on CUDA cores, side
+# by side with the same cuDNN baseline, to show what each kernel brings.
+runs=("auto float32 1,32,256" "auto float32 1,32,256 --tf32" "auto bfloat16 1,32,256" "lowered float32 32"
+  "simt bfloat16 32")
 for i in "${!runs[@]}"; do
-  read -r dtype tf32 <<<"${runs[$i]} "
-  python benchmarks/bench_compact_conv.py --device cuda --suite AlexNet --batch 1 32 256 --rounds 5 --stat min \
-    --dtype "$dtype" $tf32 --markdown "$out/bench_$i.md" --json "$out/bench_$i.json" || echo "bench run $i failed"
+  read -r gemm dtype batches tf32 <<<"${runs[$i]} "
+  # shellcheck disable=SC2086
+  SSL_LIGHTNING_CUDA_GEMM="$gemm" python benchmarks/bench_compact_conv.py --device cuda --suite AlexNet \
+    --batch ${batches//,/ } --rounds 5 --stat min --dtype "$dtype" $tf32 --markdown "$out/bench_$i.md" \
+    --json "$out/bench_$i.json" || echo "bench run $i failed"
 done
 
 python - "$out" "$gpu" "$((SECONDS - start))" "$tests" "$sanitizer" <<'EOF'
