@@ -308,3 +308,25 @@ def test_cuda_compact_conv2d_module_and_compile() -> None:
         xr = x.clone().requires_grad_()
         F.conv2d(xr, conv.weight, conv.bias, padding=1).square().sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-3, atol=1e-3)
+
+
+@requires_cuda_kernels()
+def test_cuda_compact_resnet_measured_and_equal() -> None:
+    """compact() on the GPU with measured choices (the autotune times cuDNN against the CUDA op there)."""
+    from ssl_lightning import compact
+    from ssl_lightning.models import resnet20
+
+    from .test_compaction import zero_structure
+
+    torch.manual_seed(1)
+    model = resnet20()
+    zero_structure(model, rows=0.2, cols=0.5)
+    model = model.cuda().eval()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with gemm("auto", tf32=False), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        fast = compact(model, x, measure=True)
+        layers = [m for m in fast.modules() if isinstance(m, CompactConv2d)]
+        assert len(layers) >= 10 and all(m.row_idx.is_cuda for m in layers)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        assert {m.impl for m in layers} <= {"fused", "rows", "dense"}
