@@ -254,33 +254,34 @@ __global__ void __launch_bounds__(kSimtThreads)
 // fp32: TF32 16x16x8 fragments, BK = 16 (the operands are rounded to TF32 in the fragments). Shared-memory rows
 // are padded by 16 bytes (fewer bank conflicts; every fragment pointer stays 32-byte aligned).
 // ---------------------------------------------------------------------------------------------------------
+// Fragments of Op operands (16 x 16 x FK) with fp32 accumulators; K tiles of BK, shared rows padded by PAD elements.
+template <typename Op, int FK_, int BK_, int PAD_>
+struct MmaShape {
+  static constexpr int FK = FK_, BK = BK_, PAD = PAD_;
+  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, FK, Op, nvcuda::wmma::row_major>;
+  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, FK, Op, nvcuda::wmma::row_major>;
+  using CFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, FK, float>;
+};
 template <typename T>
 struct Mma;
 template <>
-struct Mma<__half> {
-  static constexpr int FK = 16, BK = 32, PAD = 8;
-  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major>;
-  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::row_major>;
-  using CFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-};
+struct Mma<__half> : MmaShape<__half, 16, 32, 8> {};
 template <>
-struct Mma<__nv_bfloat16> {
-  static constexpr int FK = 16, BK = 32, PAD = 8;
-  using AFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
-  using BFrag = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
-  using CFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-};
+struct Mma<__nv_bfloat16> : MmaShape<__nv_bfloat16, 16, 32, 8> {};
 template <>
-struct Mma<float> {
-  static constexpr int FK = 8, BK = 16, PAD = 4;
-  using AFrag =
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, nvcuda::wmma::precision::tf32, nvcuda::wmma::row_major>;
-  using BFrag =
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, nvcuda::wmma::precision::tf32, nvcuda::wmma::row_major>;
-  using CFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
-};
+struct Mma<float> : MmaShape<nvcuda::wmma::precision::tf32, 8, 16, 4> {};
 
 constexpr int kMmaBM = 128, kMmaBN = 128, kMmaThreads = 256;
+
+// A wmma operand fragment from shared memory (row-major, leading dimension ld); fp32 operands rounded to TF32.
+template <typename T, typename Frag>
+__device__ __forceinline__ void load_operand(Frag& f, const T* p, int ld) {
+  nvcuda::wmma::load_matrix_sync(f, p, ld);
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int e = 0; e < f.num_elements; ++e) f.x[e] = nvcuda::wmma::__float_to_tf32(f.x[e]);
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
@@ -320,21 +321,9 @@ __global__ void __launch_bounds__(kMmaThreads)
       typename M::AFrag a[4];
       typename M::BFrag b[2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        wmma::load_matrix_sync(a[i], As + (wm * 64 + i * 16) * LDA + kk, LDA);
-        if constexpr (std::is_same_v<T, float>) {
+      for (int i = 0; i < 4; ++i) load_operand<T>(a[i], As + (wm * 64 + i * 16) * LDA + kk, LDA);
 #pragma unroll
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], Bs + kk * LDB + wn * 32 + j * 16, LDB);
-        if constexpr (std::is_same_v<T, float>) {
-#pragma unroll
-          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
-        }
-      }
+      for (int j = 0; j < 2; ++j) load_operand<T>(b[j], Bs + kk * LDB + wn * 32 + j * 16, LDB);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
