@@ -1,0 +1,99 @@
+// Design probe for issue #17 (batch-16 AlexNet conv4 at >= 85 % of FLOP-ideal): how fast can a filters-vectorised
+// direct kernel run the compacted conv4 shape, compared with the packed-B panel kernel of csrc/gather_gemm.cpp?
+// Not part of the product; one thread, one image, one conv group, input already zero-padded.
+//
+//   g++ -O3 -mavx512f -mfma -std=c++17 benchmarks/micro_filters_vectorised.cpp -o /tmp/fv && /tmp/fv
+//
+// Shape: AlexNet Table 4 row 2 conv4 per group: 192 input channels, 13 x 13 output, 3 x 3 kernel, 264 kept
+// columns, 96 kept filters (the 102 rounded down to whole 32-filter panels). Tile: 32 filters (2 zmm of the
+// weight, packed once as [panel][k][32]) x 13 positions (one output row): per kept column 2 weight loads, 13
+// broadcasts straight from the input (no B packing, no masks: the input is padded) and 26 FMAs. Epilogues:
+// "transposed" writes each filter's 13 outputs to its NCHW row (scalar transpose through a stack tile);
+// "tile only" stores the accumulators as [position][filter] (an upper bound: the NCHW transpose left to do).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+namespace {
+constexpr int C = 192, H = 15, W = 15, HO = 13, WO = 13, K = 264, R = 96;
+
+template <bool kTranspose>
+__attribute__((noinline)) void run(const float* xin, const int* off, const float* ap, float* out) {
+  alignas(64) float tile[WO][32];
+  for (int p = 0; p < R / 32; ++p) {
+    const float* a = ap + p * K * 32;
+    for (int oh = 0; oh < HO; ++oh) {
+      __m512 acc[WO][2];
+      for (int j = 0; j < WO; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+      const float* xrow = xin + oh * W;
+      for (int kk = 0; kk < K; ++kk) {
+        const __m512 a0 = _mm512_load_ps(a + kk * 32), a1 = _mm512_load_ps(a + kk * 32 + 16);
+        const float* x = xrow + off[kk];
+#pragma GCC unroll 13
+        for (int j = 0; j < WO; ++j) {
+          const __m512 b = _mm512_set1_ps(x[j]);
+          acc[j][0] = _mm512_fmadd_ps(a0, b, acc[j][0]);
+          acc[j][1] = _mm512_fmadd_ps(a1, b, acc[j][1]);
+        }
+      }
+      for (int j = 0; j < WO; ++j) {
+        _mm512_store_ps(tile[j], acc[j][0]);
+        _mm512_store_ps(tile[j] + 16, acc[j][1]);
+      }
+      if constexpr (kTranspose) {
+        for (int f = 0; f < 32; ++f)
+          for (int j = 0; j < WO; ++j) out[(p * 32 + f) * HO * WO + oh * WO + j] = tile[j][f];
+      } else {
+        std::copy(&tile[0][0], &tile[0][0] + WO * 32, out + (p * HO + oh) * WO * 32);
+      }
+    }
+  }
+}
+
+template <bool kTranspose>
+double seconds(const float* xin, const int* off, const float* ap, float* out) {
+  double best = 1e9;
+  for (int rep = 0; rep < 20; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int it = 0; it < 200; ++it) run<kTranspose>(xin, off, ap, out);
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 200);
+  }
+  return best;
+}
+}  // namespace
+
+int main() {
+  std::mt19937 gen(0);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<float> xin(C * H * W);
+  for (float& v : xin) v = u(gen);
+  std::vector<int> cols(C * 9);
+  for (int i = 0; i < C * 9; ++i) cols[i] = i;
+  std::shuffle(cols.begin(), cols.end(), gen);
+  cols.resize(K);
+  std::sort(cols.begin(), cols.end());
+  std::vector<int> off(K);  // the kept column's tap origin in the padded input
+  for (int i = 0; i < K; ++i) off[i] = (cols[i] / 9) * H * W + (cols[i] % 9 / 3) * W + cols[i] % 3;
+  auto* ap = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * R * K));
+  for (int i = 0; i < R * K; ++i) ap[i] = u(gen);
+  std::vector<float> out(R * HO * WO);
+  run<true>(xin.data(), off.data(), ap, out.data());
+  double worst = 0;  // against a scalar reference
+  for (int f = 0; f < R; ++f)
+    for (int q = 0; q < HO * WO; ++q) {
+      double ref = 0;
+      for (int kk = 0; kk < K; ++kk) ref += ap[(f / 32) * K * 32 + kk * 32 + f % 32] * xin[off[kk] + q / WO * W + q % WO];
+      worst = std::max(worst, std::abs(ref - out[f * HO * WO + q]));
+    }
+  const double flop = 2.0 * R * K * HO * WO;
+  const double t1 = seconds<true>(xin.data(), off.data(), ap, out.data());
+  const double t2 = seconds<false>(xin.data(), off.data(), ap, out.data());
+  std::printf("max |error| %.2e\ntransposed: %.1f us, %.1f GFLOP/s\ntile only:  %.1f us, %.1f GFLOP/s\n", worst,
+              t1 * 1e6, flop / t1 / 1e9, t2 * 1e6, flop / t2 / 1e9);
+  std::free(ap);
+}
