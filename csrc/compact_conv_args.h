@@ -19,11 +19,16 @@ struct IndexLists {
   at::Tensor row_idx, row_ptr, col_idx, col_ptr;
 };
 
-inline at::Tensor host_index(const at::Tensor& t, const char* name, const at::Device& input_device) {
+// What can be checked of an index list without reading a value: 1-D int64, on the CPU or the input's device.
+inline void check_index_tensor(const at::Tensor& t, const char* name, const at::Device& input_device) {
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, "compact_conv2d: ", name,
               " must be a 1-D int64 tensor, got ", t.sizes(), " ", t.scalar_type());
   TORCH_CHECK(t.device().is_cpu() || t.device() == input_device, "compact_conv2d: ", name, " is on ", t.device(),
               "; index lists must be on the CPU or on the input's device (", input_device, ")");
+}
+
+inline at::Tensor host_index(const at::Tensor& t, const char* name, const at::Device& input_device) {
+  check_index_tensor(t, name, input_device);
   return t.device().is_cpu() ? t.contiguous() : t.to(at::kCPU).contiguous();
 }
 

@@ -391,7 +391,7 @@ void gather_gemm_conv2d(const T* x, const T* weight, const int64_t* row_idx, con
     const int64_t n = task.n, g = task.g, r = task.r, k = task.k, rb0 = task.rb0, rb1 = task.rb1, np = task.np;
     const __mmask16 m0 = __mmask16(task.lanes), m1 = __mmask16(task.lanes >> 16);
     T* out_n = out + n * out_rows * P + task.p0;
-    if (task.share == 0 && task.p0 == 0) gather::fill_removed_rows(out + n * out_rows * P, P, tb, g, bias);
+    if (task.share == 0 && task.p0 == 0) gather::fill_removed_rows(out_n, P, tb, g, bias);
     if (rb0 == rb1) return;
     const Panel& pn = *task.panel;
     float* crow[kMR];

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -16,7 +15,7 @@ from ssl_lightning import ops
 from ssl_lightning.compaction.layers import CompactConv2d
 
 from .conftest import requires_cuda_kernels
-from .test_compact_conv import case, layout
+from .test_compact_conv import _env, case, layout
 
 # max |got - ref| / max |ref| allowed per (dtype, tf32): ref is the float64 result of the same (rounded) inputs
 TOLERANCE = {
@@ -31,17 +30,13 @@ TOLERANCE = {
 @contextlib.contextmanager
 def gemm(kind: str, tf32: bool = False) -> Iterator[None]:
     """SSL_LIGHTNING_CUDA_GEMM (read at every call) and the cuDNN TF32 flag the CUDA kernel follows."""
-    old_env, old_tf32 = os.environ.get("SSL_LIGHTNING_CUDA_GEMM"), torch.backends.cudnn.allow_tf32
-    os.environ["SSL_LIGHTNING_CUDA_GEMM"] = kind
+    old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32
     try:
-        yield
+        with _env("SSL_LIGHTNING_CUDA_GEMM", kind):
+            yield
     finally:
         torch.backends.cudnn.allow_tf32 = old_tf32
-        if old_env is None:
-            del os.environ["SSL_LIGHTNING_CUDA_GEMM"]
-        else:
-            os.environ["SSL_LIGHTNING_CUDA_GEMM"] = old_env
 
 
 def random_case(seed: int) -> tuple:

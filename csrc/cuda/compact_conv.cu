@@ -26,6 +26,7 @@
 #include "index_plan.h"
 
 #include <array>
+#include <memory>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -55,19 +56,27 @@ Gemm gemm_switch() {
   TORCH_CHECK(false, "SSL_LIGHTNING_CUDA_GEMM must be auto, simt or lowered, got '", v, "'");
 }
 
-void check_dtype(const at::Tensor& input) {
-  const auto t = input.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-              "compact_conv2d (CUDA): input dtype must be float32, float64, float16 or bfloat16, got ", t);
-}
-
-// Whether `auto` takes the tensor-core kernel for this input: fp16 / bf16 on sm_80+, fp32 there when torch allows
-// TF32 in cuDNN convolutions (the flag F.conv2d follows).
+// Whether `auto` may take the tensor-core kernel for this input: fp16 / bf16 on sm_80+, fp32 there when torch
+// allows TF32 in cuDNN convolutions (the flag F.conv2d follows).
 bool tensor_cores_for(const at::Tensor& x) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
   if (major < 8 || x.scalar_type() == at::kDouble) return false;
   return x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
+}
+
+// The checks of both ops, and the plan of their index lists (checked on the host on a cache miss only).
+std::pair<ConvGeometry, std::shared_ptr<const cuda_plan::Plan>> checked_plan(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx, const at::Tensor& row_ptr,
+    const at::Tensor& col_idx, const at::Tensor& col_ptr, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, int64_t out_channels) {
+  const ConvGeometry G =
+      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
+  cuda_impl::check_dtype(input.scalar_type());
+  auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
+  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
+  return {G, std::move(plan)};
 }
 
 }  // namespace
@@ -79,15 +88,11 @@ at::Tensor compact_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                int64_t groups, int64_t out_channels, bool compact_output) {
   TORCH_CHECK(input.is_cuda(), "compact_conv2d: the CUDA backend needs a CUDA input, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const ConvGeometry G =
-      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
-  check_dtype(input);
-  const auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
-  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
-  const Gemm gemm = gemm_switch();
+  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride,
+                                      padding, dilation, groups, out_channels);
   const at::Tensor x = input.contiguous();
   return cuda_impl::forward(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, x, weight.contiguous(), *plan, bias, G,
-                            compact_output, gemm, gemm == Gemm::kAuto && tensor_cores_for(x));
+                            compact_output, gemm_switch(), tensor_cores_for(x));
 }
 
 std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cuda(
@@ -101,13 +106,9 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cuda(
   TORCH_CHECK(grad_output.device() == input.device(), "compact_conv2d_backward: grad_output is on ",
               grad_output.device(), " but input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const ConvGeometry G =
-      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
-  check_dtype(input);
-  const auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
-  check_weight_and_bias(input, weight, plan->w_expected, std::nullopt, out_channels);
-  const int64_t out_rows = compact_output ? plan->rp.back() : out_channels;
-  check_grad_output(grad_output, input, G, out_rows);
+  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt, kernel_size,
+                                      stride, padding, dilation, groups, out_channels);
+  check_grad_output(grad_output, input, G, cuda_impl::out_rows_of(*plan, G, compact_output));
   return cuda_impl::backward(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, grad_output.contiguous(),
                              input.contiguous(), weight.contiguous(), *plan, G, compact_output, output_mask);
 }

@@ -55,6 +55,12 @@ T* mut_ptr(at::Tensor& t) {
 }
 inline const int4* taps_ptr(const Plan& plan) { return reinterpret_cast<const int4*>(plan.taps.const_data_ptr()); }
 
+// The dtypes the kernels run.
+inline void check_dtype(at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "compact_conv2d (CUDA): input dtype must be float32, float64, float16 or bfloat16, got ", t);
+}
+
 // Calls f(T{}) with T the kernels' element type of `dtype` (float, double, __half, __nv_bfloat16).
 template <typename F>
 void with_native_type(at::ScalarType dtype, F&& f) {
@@ -63,9 +69,13 @@ void with_native_type(at::ScalarType dtype, F&& f) {
     case at::kDouble: f(double{}); break;
     case at::kHalf: f(__half{}); break;
     case at::kBFloat16: f(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, "compact_conv2d (CUDA): input dtype must be float32, float64, float16 or bfloat16, got ",
-                         dtype);
+    default: check_dtype(dtype);  // raises
   }
+}
+
+// Rows of the output: the kept filters with compact output, every filter otherwise.
+inline int64_t out_rows_of(const Plan& plan, const ConvGeometry& G, bool compact_output) {
+  return compact_output ? plan.rp.back() : G.out_channels;
 }
 
 // Lowers group g's kept columns of images [n0, n0 + nimg) into panel (k x nimg*P).
@@ -151,28 +161,25 @@ void forward_implicit(const Launch& launch, const at::Tensor& x, const at::Tenso
   const int64_t* removed = plan.removed.const_data_ptr<int64_t>();
   with_native_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias.defined() ? ptr<T>(bias) : nullptr;
+    auto kernel = implicit_gemm::simt_kernel<T>;
+    int threads = implicit_gemm::kSimtThreads;
     if constexpr (std::is_same_v<T, double>) {
       TORCH_CHECK(!tensor_cores, "compact_conv2d (CUDA): no tensor-core kernel for float64");
-      launch(implicit_gemm::simt_kernel<T>, grid, dim3(implicit_gemm::kSimtThreads), ptr<T>(x), ptr<T>(wc), b,
-             groups, rows, removed, taps_ptr(plan), cv, mut_ptr<T>(out));
-    } else {
-      if (tensor_cores)
-        launch(implicit_gemm::wmma_kernel<T>, grid, dim3(implicit_gemm::kMmaThreads), ptr<T>(x), ptr<T>(wc), b,
-               groups, rows, removed, taps_ptr(plan), cv, mut_ptr<T>(out));
-      else
-        launch(implicit_gemm::simt_kernel<T>, grid, dim3(implicit_gemm::kSimtThreads), ptr<T>(x), ptr<T>(wc), b,
-               groups, rows, removed, taps_ptr(plan), cv, mut_ptr<T>(out));
+    } else if (tensor_cores) {
+      kernel = implicit_gemm::wmma_kernel<T>, threads = implicit_gemm::kMmaThreads;
     }
+    launch(kernel, grid, dim3(threads), ptr<T>(x), ptr<T>(wc), bias.defined() ? ptr<T>(bias) : nullptr, groups,
+           rows, removed, taps_ptr(plan), cv, mut_ptr<T>(out));
   });
 }
 
-// The forward: checks done, plan built; x and wc contiguous.
+// The forward: checks done, plan built; x and wc contiguous. tensor_cores: whether `auto` may take the
+// tensor-core kernel for x (its device and dtype, torch's TF32 flag for fp32).
 template <typename Launch>
 at::Tensor forward(const Launch& launch, const at::Tensor& x, const at::Tensor& wc, const Plan& plan,
                    const std::optional<at::Tensor>& bias, const ConvGeometry& G, bool compact_output, Gemm gemm,
                    bool tensor_cores) {
-  const int64_t out_rows = compact_output ? plan.rp.back() : G.out_channels;
+  const int64_t out_rows = out_rows_of(plan, G, compact_output);
   at::Tensor out = at::empty({G.n, out_rows, G.ho, G.wo}, x.options());
   if (G.n == 0 || out_rows == 0) return out;
   if (gemm == Gemm::kLowered) {

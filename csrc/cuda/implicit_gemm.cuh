@@ -40,22 +40,22 @@ inline Conv make_conv(const ConvGeometry& G, int64_t out_rows, bool compact, boo
               has_bias};
 }
 
-// fp16 / bf16 / fp32 / fp64 to and from the accumulate type (intrinsics: torch builds with the fp16 operators
-// switched off).
+// fp16 / bf16 / fp32 / fp64 to and from the accumulate type (float, double for fp64; intrinsics: torch builds
+// with the fp16 operators switched off).
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_acc(float v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ double from_acc<double>(float v) { return v; }
+template <typename T, typename A>
+__device__ __forceinline__ T from_acc(A v) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return static_cast<T>(v);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ T zero_of() {
@@ -99,11 +99,15 @@ __device__ __forceinline__ T gather(const Position<T>& pos, int4 tap, const Conv
   return pos.img[(int64_t(tap.x) * cv.H + ih) * cv.W + iw];
 }
 
+// Output element of output row `orow` (a channel, or a place in row_idx with compact output) at position q.
+__device__ __forceinline__ int64_t out_index(int64_t q, int64_t orow, const Conv& cv) {
+  return ((q / cv.P) * cv.out_rows + orow) * cv.P + q % cv.P;
+}
+
 // Output element of kept row m (group-local) at position q.
 __device__ __forceinline__ int64_t out_offset(const cuda_plan::GroupDesc& gd, const int64_t* rows, int64_t m,
                                               int64_t q, const Conv& cv) {
-  const int64_t orow = cv.compact ? gd.row0 + m : rows[gd.row0 + m];
-  return ((q / cv.P) * cv.out_rows + orow) * cv.P + q % cv.P;
+  return out_index(q, cv.compact ? gd.row0 + m : rows[gd.row0 + m], cv);
 }
 
 // The removed filters of the group at positions [q0, q0 + BN): their bias, or zero (full-width output only).
@@ -114,7 +118,7 @@ __device__ __forceinline__ void fill_removed(const cuda_plan::GroupDesc& gd, con
     const int64_t q = q0 + e % bn;
     if (q >= cv.NP) continue;
     const int64_t ch = removed[gd.rem0 + e / bn];
-    out[((q / cv.P) * cv.out_rows + ch) * cv.P + q % cv.P] = cv.has_bias ? bias[ch] : zero;
+    out[out_index(q, ch, cv)] = cv.has_bias ? bias[ch] : zero;
   }
 }
 
@@ -237,13 +241,7 @@ __global__ void __launch_bounds__(kSimtThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t q = q0 + tx + 16 * j;
-      if (q < cv.NP) {
-        if constexpr (std::is_same_v<T, double>) {
-          out[out_offset(gd, rows, m, q, cv)] = acc[i][j] + b;
-        } else {
-          out[out_offset(gd, rows, m, q, cv)] = from_acc<T>(acc[i][j] + b);
-        }
-      }
+      if (q < cv.NP) out[out_offset(gd, rows, m, q, cv)] = from_acc<T>(acc[i][j] + b);
     }
   }
 }
@@ -381,12 +379,7 @@ __global__ void col2im_gather_kernel(const T* __restrict__ gl, const int4* __res
       if (oh >= cv.ho || ow >= cv.wo) continue;
       s += to_acc(gl[(i - col0) * width + ni * cv.P + oh * cv.wo + ow]);
     }
-    T* dst = grad_x + ((n0 + ni) * cv.C + g * cv.cg + c) * hw + ih * cv.W + iw;
-    if constexpr (std::is_same_v<T, double>) {
-      *dst = s;
-    } else {
-      *dst = from_acc<T>(s);
-    }
+    grad_x[((n0 + ni) * cv.C + g * cv.cg + c) * hw + ih * cv.W + iw] = from_acc<T>(s);
   }
 }
 

@@ -126,13 +126,7 @@ class PlanCache {
                                   const at::Tensor& col_ptr, const ConvGeometry& G, const at::Device& device) {
     const std::array<const at::Tensor*, 4> lists{&row_idx, &row_ptr, &col_idx, &col_ptr};
     static const char* names[4] = {"row_idx", "row_ptr", "col_idx", "col_ptr"};
-    for (int i = 0; i < 4; ++i) {  // what can be checked without reading a value
-      const at::Tensor& t = *lists[i];
-      TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, "compact_conv2d: ", names[i],
-                  " must be a 1-D int64 tensor, got ", t.sizes(), " ", t.scalar_type());
-      TORCH_CHECK(t.device().is_cpu() || t.device() == device, "compact_conv2d: ", names[i], " is on ", t.device(),
-                  "; index lists must be on the CPU or on the input's device (", device, ")");
-    }
+    for (int i = 0; i < 4; ++i) check_index_tensor(*lists[i], names[i], device);
     bool cacheable = true;
     for (const at::Tensor* t : lists) cacheable = cacheable && !t->is_inference();
     Key key;
@@ -144,8 +138,8 @@ class PlanCache {
       }
       key.geometry = {device.index(), G.groups, G.cg, G.og, G.kh, G.kw, G.dh, G.dw, G.ph, G.pw};
       const std::lock_guard<std::mutex> lock(mu_);
-      for (const Entry& e : entries_)
-        if (e.key.same(key) && !e.refs[0].expired()) return e.plan;
+      for (const Entry& e : entries_)  // an entry's weak references keep its TensorImpl addresses unused
+        if (e.key.same(key)) return e.plan;
     }
     TORCH_CHECK(!Device::capturing(),
                 "compact_conv2d: these index lists were not seen before a CUDA graph capture began; run the op "
