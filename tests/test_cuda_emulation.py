@@ -144,3 +144,27 @@ def test_plan_cache_miss_during_a_capture_is_a_clear_error(emulated: Any) -> Non
             emulated.plan_cache_get(ri, rp, ci.clone(), cp, *geometry)
     finally:
         emulated.set_capturing(False)
+
+
+def test_emulated_cuda_limits_are_clear_errors(emulated: Any) -> None:
+    """Shapes beyond what the CUDA kernels index (32-bit taps, one grid z-slice per group, 65535 filter tiles)
+    are refused with a message, before anything is launched."""
+    one = [1, 1]
+
+    def conv(x, w, ri, rp, ci, cp, out_channels, groups, padding=(0, 0)):  # type: ignore[no-untyped-def]
+        return emulated.compact_conv2d(x, w, ri, rp, ci, cp, None, one, one, list(padding), one, groups,
+                                       out_channels, False, "simt")  # fmt: skip
+
+    x = torch.zeros(1, 1, 1, 1)
+    kept = (torch.zeros(1, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="tap offsets beyond 2"):
+        conv(x, torch.zeros(1), *kept, *kept, 1, 1, padding=(2**31, 0))
+    g = 65536
+    per_group = torch.arange(g + 1)
+    with pytest.raises(RuntimeError, match="at most 65535 conv groups"):
+        conv(torch.zeros(1, g, 1, 1), torch.zeros(g), torch.arange(g), per_group, torch.zeros(g, dtype=torch.long),
+             per_group, g, g)  # fmt: skip
+    rows = 65535 * 64 + 1
+    with pytest.raises(RuntimeError, match="exceed the kernel's grid"):
+        conv(x, torch.zeros(0), torch.arange(rows), torch.tensor([0, rows]), torch.zeros(0, dtype=torch.long),
+             torch.tensor([0, 0]), rows, 1)  # fmt: skip
