@@ -1,8 +1,8 @@
 // Design probe for issue #17 (batch-16 AlexNet conv4 at >= 85 % of FLOP-ideal): how fast can a filters-vectorised
 // direct kernel run the compacted conv4 shape, compared with the packed-B panel kernel of csrc/gather_gemm.cpp?
-// Not part of the product; one thread, one image, one conv group, input already zero-padded.
+// Not part of the product; one thread, one image and conv group per call, input already zero-padded.
 //
-//   g++ -O3 -mavx512f -mfma -std=c++17 benchmarks/micro_filters_vectorised.cpp -o /tmp/fv && /tmp/fv
+//   g++ -O3 -mavx512f -mfma -std=c++17 benchmarks/micro_filters_vectorised.cpp -o /tmp/fv_probe && /tmp/fv_probe
 //
 // Shape: AlexNet Table 4 row 2 conv4 per group: 192 input channels, 13 x 13 output, 3 x 3 kernel, 264 kept
 // columns, 96 kept filters (the 102 rounded down to whole 32-filter panels). Tile: 32 filters (2 zmm of the
@@ -10,6 +10,9 @@
 // broadcasts straight from the input (no B packing, no masks: the input is padded) and 26 FMAs. Epilogues:
 // "transposed" writes each filter's 13 outputs to its NCHW row (scalar transpose through a stack tile);
 // "tile only" stores the accumulators as [position][filter] (an upper bound: the NCHW transpose left to do).
+// Each runs on one image and group whose input stays in cache across repetitions ("hot"), and over 32
+// distinct inputs and outputs, as batch 16 x 2 groups meets them (5.5 MiB of padded input, more than L2:
+// "batch"), beside a register-only FMA loop (the core's peak in the same process).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -55,13 +58,45 @@ __attribute__((noinline)) void run(const float* xin, const int* off, const float
   }
 }
 
+constexpr int kImages = 32;  // batch 16 x 2 groups
+
+// Seconds per image and group, best of 20 blocks; `images` distinct inputs / outputs visited in turn.
 template <bool kTranspose>
-double seconds(const float* xin, const int* off, const float* ap, float* out) {
+double seconds(const float* xin, const int* off, const float* ap, float* out, int images) {
   double best = 1e9;
+  const int iters = 192 / images * images;
   for (int rep = 0; rep < 20; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (int it = 0; it < 200; ++it) run<kTranspose>(xin, off, ap, out);
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / 200);
+    for (int it = 0; it < iters; ++it) {
+      const int i = it % images;
+      run<kTranspose>(xin + i * C * H * W, off, ap, out + i * R * HO * WO);
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters);
+  }
+  return best;
+}
+
+// GFLOP/s of 24 independent FMA chains in registers: the core's peak, measured beside the kernels.
+__attribute__((noinline)) double fma_peak() {
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    __m512 acc[24];
+    for (int i = 0; i < 24; ++i) acc[i] = _mm512_set1_ps(float(i));
+    const __m512 m = _mm512_set1_ps(1.0001f), a = _mm512_set1_ps(0.9999f);
+    const long n = 1000000;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (long j = 0; j < n; ++j) {
+#pragma GCC unroll 24
+      for (int i = 0; i < 24; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, a);
+    }
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    __m512 s = acc[0];
+    for (int i = 1; i < 24; ++i) s = _mm512_add_ps(s, acc[i]);
+    alignas(64) float lanes[16];  // kept live so the loop is not removed
+    _mm512_store_ps(lanes, s);
+    volatile float sink = lanes[0];
+    (void)sink;
+    best = std::max(best, 2.0 * 16 * 24 * n / t / 1e9);
   }
   return best;
 }
@@ -70,8 +105,11 @@ double seconds(const float* xin, const int* off, const float* ap, float* out) {
 int main() {
   std::mt19937 gen(0);
   std::uniform_real_distribution<float> u(-1, 1);
-  std::vector<float> xin(C * H * W);
-  for (float& v : xin) v = u(gen);
+  std::vector<float> xin(kImages * C * H * W, 0.0f);  // zero-padded images: the border stays 0
+  for (int i = 0; i < kImages; ++i)
+    for (int c = 0; c < C; ++c)
+      for (int h = 1; h <= HO; ++h)
+        for (int w = 1; w <= WO; ++w) xin[((i * C + c) * H + h) * W + w] = u(gen);
   std::vector<int> cols(C * 9);
   for (int i = 0; i < C * 9; ++i) cols[i] = i;
   std::shuffle(cols.begin(), cols.end(), gen);
@@ -81,7 +119,7 @@ int main() {
   for (int i = 0; i < K; ++i) off[i] = (cols[i] / 9) * H * W + (cols[i] % 9 / 3) * W + cols[i] % 3;
   auto* ap = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * R * K));
   for (int i = 0; i < R * K; ++i) ap[i] = u(gen);
-  std::vector<float> out(R * HO * WO);
+  std::vector<float> out(kImages * R * HO * WO);
   run<true>(xin.data(), off.data(), ap, out.data());
   double worst = 0;  // against a scalar reference
   for (int f = 0; f < R; ++f)
@@ -91,9 +129,12 @@ int main() {
       worst = std::max(worst, std::abs(ref - out[f * HO * WO + q]));
     }
   const double flop = 2.0 * R * K * HO * WO;
-  const double t1 = seconds<true>(xin.data(), off.data(), ap, out.data());
-  const double t2 = seconds<false>(xin.data(), off.data(), ap, out.data());
-  std::printf("max |error| %.2e\ntransposed: %.1f us, %.1f GFLOP/s\ntile only:  %.1f us, %.1f GFLOP/s\n", worst,
-              t1 * 1e6, flop / t1 / 1e9, t2 * 1e6, flop / t2 / 1e9);
+  std::printf("max |error| %.2e\nFMA peak: %.1f GFLOP/s\n", worst, fma_peak());
+  for (const int images : {1, kImages}) {
+    const double t1 = seconds<true>(xin.data(), off.data(), ap, out.data(), images);
+    const double t2 = seconds<false>(xin.data(), off.data(), ap, out.data(), images);
+    std::printf("%s: transposed %.1f us, %.1f GFLOP/s; tile only %.1f us, %.1f GFLOP/s\n",
+                images == 1 ? "hot  " : "batch", t1 * 1e6, flop / t1 / 1e9, t2 * 1e6, flop / t2 / 1e9);
+  }
   std::free(ap);
 }
