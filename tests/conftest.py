@@ -1,4 +1,5 @@
-"""Shared helpers: tiny deterministic models and data, the ops test-skip helper, a W&B offline reader."""
+"""Shared helpers: tiny deterministic models and data, the ops test-skip helper, a W&B offline reader, a virtual
+clock for timing tests."""
 
 from __future__ import annotations
 
@@ -29,6 +30,38 @@ _F = TypeVar("_F", bound=Callable[..., object])
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+class VirtualClock:
+    """A clock that only the timed code moves: ``work(s)`` is a function that advances it ``s`` seconds per call.
+    Timing tests run torch's Timer on it (fixture ``virtual_clock``), so what they measure is exact whatever
+    else the machine runs: a test that compares wall-clock times fails on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self, seconds: float) -> Callable[..., None]:
+        def f(*_: object) -> None:
+            self.now += seconds
+
+        return f
+
+
+@pytest.fixture
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
+    """Every timing of ``ssl_lightning.timing`` (interleaved_times, fastest) reads this clock instead of the wall."""
+    from functools import partial
+
+    from torch.utils.benchmark import Timer
+
+    import ssl_lightning.timing
+
+    clock = VirtualClock()
+    monkeypatch.setattr(ssl_lightning.timing, "Timer", partial(Timer, timer=clock))
+    return clock
 
 
 def cuda_kernels_here() -> bool:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from torch import nn
 
 from ssl_lightning import CompactConv2d, ops
 from ssl_lightning.timing import fastest
+
+from .conftest import VirtualClock
 
 
 def sparse_conv(
@@ -144,17 +144,15 @@ def test_flop_counter_counts_only_kept_rows_and_columns_of_the_fused_op() -> Non
     assert counter.get_total_flops() == 2 * (2 * 8 * 8) * 24 * 96
 
 
-class _Spin(nn.Module):
-    """Busy-waits ``seconds`` per call: a module with an exactly known run time."""
+class _Work(nn.Module):
+    """Takes ``seconds`` per call on the virtual clock: a module with an exactly known run time."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, clock: VirtualClock, seconds: float) -> None:
         super().__init__()
-        self.seconds = seconds
+        self.advance = clock.work(seconds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        end = time.perf_counter() + self.seconds
-        while time.perf_counter() < end:
-            pass
+        self.advance()
         return x
 
 
@@ -173,12 +171,21 @@ def test_the_choice_keeps_the_baseline_unless_a_candidate_wins_by_the_margin() -
         choose({})
 
 
-def test_fastest_times_the_modules_it_is_given() -> None:
-    x = torch.zeros(1)  # 4x apart: no load on a test machine turns that around for the best of five blocks
-    assert fastest({"dense": _Spin(2e-3), "fused": _Spin(0.5e-3)}, x) == "fused"
-    assert fastest({"dense": _Spin(0.5e-3), "fused": _Spin(2e-3)}, x) == "dense"
+def test_fastest_times_the_modules_it_is_given(virtual_clock: VirtualClock) -> None:
+    x = torch.zeros(1)
+
+    def work(seconds: float) -> _Work:
+        return _Work(virtual_clock, seconds)
+
+    assert fastest({"dense": work(2e-3), "fused": work(0.5e-3)}, x) == "fused"
+    assert fastest({"dense": work(0.5e-3), "fused": work(2e-3)}, x) == "dense"
+    assert fastest({"dense": work(1e-3), "fused": work(0.98e-3)}, x) == "dense"  # 2 %: within the margin
+    assert fastest({"dense": work(1e-3), "fused": work(0.96e-3)}, x) == "fused"
+    spreads: dict[str, float] = {}
+    fastest({"dense": work(1e-3), "fused": work(0.5e-3)}, x, spreads=spreads)
+    assert spreads == pytest.approx({"dense": 0.0, "fused": 0.0})  # identical blocks: no disturbance
     with pytest.raises(ValueError, match="margin must be in"):
-        fastest({"dense": _Spin(1e-3)}, x, margin=1.0)
+        fastest({"dense": work(1e-3)}, x, margin=1.0)
     with pytest.raises(ValueError, match="at least one module"):
         fastest({}, x)
 

@@ -6,37 +6,66 @@ import itertools
 import platform
 import subprocess
 import sys
-import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
 
 from ssl_lightning.timing import interleaved_times
 
-
-def spin(seconds: float):  # type: ignore[no-untyped-def]
-    """A function with a known run time (busy wait, so it is not shortened by the scheduler)."""
-
-    def f() -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            pass
-
-    return f
+from .conftest import VirtualClock
 
 
-def test_times_are_per_call_seconds_and_keep_the_order() -> None:
-    t = interleaved_times({"slow": spin(2e-3), "fast": spin(0.5e-3)}, 3, block_seconds=0.01, stat="min")
-    assert set(t) == {"slow", "fast"}
-    assert 2e-3 <= t["slow"] < 4e-3  # a busy wait can only be lengthened by interference
-    assert 0.5e-3 <= t["fast"] < 1.5e-3
+def test_times_are_per_call_seconds_and_keep_the_order(virtual_clock: VirtualClock) -> None:
+    calls = {"slow": 0, "fast": 0}
+
+    def timed(key: str, seconds: float) -> Callable[[], None]:
+        advance = virtual_clock.work(seconds)
+
+        def f() -> None:
+            calls[key] += 1
+            advance()
+
+        return f
+
+    # powers of two: the clock's sums and the block sizes are exact
+    slow, fast, block = 2.0**-9, 2.0**-11, 2.0**-7
+    t = interleaved_times({"slow": timed("slow", slow), "fast": timed("fast", fast)}, 3, block_seconds=block)
+    assert list(t) == ["slow", "fast"]
+    assert t == {"slow": slow, "fast": fast}  # per call, not per block
+    # blocks sized to block_seconds: 4 calls of the slow function, 16 of the fast one, in each of the 3 rounds
+    assert calls["fast"] - calls["slow"] == 3 * (16 - 4)
 
 
-def test_best_block_is_never_above_the_median_block() -> None:
-    f = spin(0.2e-3)
-    best = interleaved_times({"f": f}, 5, block_seconds=0.005, stat="min")["f"]
-    assert best >= 0.2e-3
-    assert best <= 1.5 * interleaved_times({"f": f}, 5, block_seconds=0.005, stat="median")["f"]
+class _ScriptedTimer:
+    """torch's Timer as interleaved_times uses it, but each measurement is the next per-call time of a script:
+    the first one sizes the blocks, then one per round (how load would disturb some blocks, made exact)."""
+
+    scripts: ClassVar[dict[object, Iterator[float]]] = {}
+
+    def __init__(self, stmt: str, globals: dict[str, Callable[[], object]], num_threads: int) -> None:
+        self.f = globals["f"]
+
+    def timeit(self, number: int) -> SimpleNamespace:
+        for _ in range(number):
+            self.f()
+        return SimpleNamespace(median=next(self.scripts[self.f]))
+
+
+def test_min_is_the_best_block_and_median_the_middle_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_lightning.timing
+
+    monkeypatch.setattr(ssl_lightning.timing, "Timer", _ScriptedTimer)
+    blocks = [1e-3, 3e-3, 1.2e-3, 5e-3, 1.1e-3]  # rounds 2 and 4 disturbed by other load
+    got, spreads = {}, {}
+    for stat in ("min", "median"):
+        f = lambda: None  # noqa: E731
+        _ScriptedTimer.scripts = {f: iter([1e-3, *blocks])}
+        got[stat] = interleaved_times({"f": f}, 5, block_seconds=0.005, stat=stat, spreads=spreads)["f"]  # type: ignore[arg-type]
+        assert spreads["f"] == pytest.approx(0.2)  # median block 1.2 ms over the best 1 ms
+    assert got == {"min": 1e-3, "median": 1.2e-3}
 
 
 def test_calls_run_on_the_callers_thread_count() -> None:
@@ -71,7 +100,7 @@ def test_each_round_starts_one_function_later() -> None:
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict[str, object], message: str) -> None:
-    args: dict[str, object] = {"fns": {"f": spin(0.0)}, **kwargs}
+    args: dict[str, object] = {"fns": {"f": lambda: None}, **kwargs}
     with pytest.raises(ValueError, match=message):
         interleaved_times(**args)  # type: ignore[arg-type]
 
