@@ -59,11 +59,12 @@ def test_min_is_the_best_block_and_median_the_middle_one(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(ssl_lightning.timing, "Timer", _ScriptedTimer)
     blocks = [1e-3, 3e-3, 1.2e-3, 5e-3, 1.1e-3]  # rounds 2 and 4 disturbed by other load
-    got, spreads = {}, {}
+    got: dict[str, float] = {}
+    spreads: dict[str, float] = {}
     for stat in ("min", "median"):
         f = lambda: None  # noqa: E731
         _ScriptedTimer.scripts = {f: iter([1e-3, *blocks])}
-        got[stat] = interleaved_times({"f": f}, 5, block_seconds=0.005, stat=stat, spreads=spreads)["f"]  # type: ignore[arg-type]
+        got[stat] = interleaved_times({"f": f}, 5, block_seconds=0.005, stat=stat, spreads=spreads)["f"]
         assert spreads["f"] == pytest.approx(0.2)  # median block 1.2 ms over the best 1 ms
     assert got == {"min": 1e-3, "median": 1.2e-3}
 
