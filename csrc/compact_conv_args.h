@@ -149,6 +149,20 @@ inline void check_weight_and_bias(const at::Tensor& input, const at::Tensor& wei
   }
 }
 
+// The filters no kept row writes (with full-width output they output their bias), group by group:
+// removed[ptr[g] .. ptr[g + 1]) for group g. row_idx / row_ptr: checked host lists; kept is scratch.
+inline void removed_filters(const int64_t* row_idx, const int64_t* row_ptr, const ConvGeometry& G,
+                            std::vector<char>& kept, std::vector<int64_t>& removed, std::vector<int64_t>& ptr) {
+  kept.assign(G.out_channels, 0);
+  for (int64_t i = 0; i < row_ptr[G.groups]; ++i) kept[row_idx[i]] = 1;
+  removed.clear(), ptr.assign(G.groups + 1, 0);
+  for (int64_t g = 0; g < G.groups; ++g) {
+    for (int64_t c = g * G.og; c < (g + 1) * G.og; ++c)
+      if (!kept[c]) removed.push_back(c);
+    ptr[g + 1] = int64_t(removed.size());
+  }
+}
+
 // The backward's grad_output: N x out_rows x Ho x Wo in the input's dtype.
 inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& G,
                               int64_t out_rows) {

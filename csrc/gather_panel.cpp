@@ -117,15 +117,10 @@ void build_call_tables(CallTables& tb, const int64_t* row_idx, const int64_t* ro
   for (int64_t i = 0; i < int64_t(tb.bias_kept.size()); ++i) tb.bias_kept[i] = float(bias[row_idx[i]]);
   // Full width: the removed filters of group g output their bias. Kept filters of a group whose columns were
   // all removed get it from the kernels' k == 0 pass.
-  tb.fill.clear(), tb.fill_ptr.assign(G.groups + 1, 0);
-  if (!compact_output) {
-    tb.kept.assign(G.out_channels, 0);
-    for (int64_t i = 0; i < row_ptr[G.groups]; ++i) tb.kept[row_idx[i]] = 1;
-    for (int64_t g = 0; g < G.groups; ++g) {
-      for (int64_t c = g * G.og; c < (g + 1) * G.og; ++c)
-        if (!tb.kept[c]) tb.fill.push_back(c);
-      tb.fill_ptr[g + 1] = int64_t(tb.fill.size());
-    }
+  if (compact_output) {
+    tb.fill.clear(), tb.fill_ptr.assign(G.groups + 1, 0);
+  } else {
+    removed_filters(row_idx, row_ptr, G, tb.kept, tb.fill, tb.fill_ptr);
   }
 }
 

@@ -68,19 +68,15 @@ inline std::shared_ptr<Plan> build_plan(const IndexLists& h, const ConvGeometry&
   plan->woff.assign(groups + 1, 0);
   at::Tensor table = at::empty({groups, 8}, at::kLong);
   int64_t* tb = table.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> removed;
-  std::vector<char> kept(G.og);
+  std::vector<char> kept;
+  std::vector<int64_t> removed, rem_ptr;
+  removed_filters(ri, rp, G, kept, removed, rem_ptr);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t r = rp[g + 1] - rp[g], k = cp[g + 1] - cp[g];
     plan->woff[g + 1] = plan->woff[g] + r * k;
     plan->rmax = std::max(plan->rmax, r);
     plan->kmax = std::max(plan->kmax, k);
-    std::fill(kept.begin(), kept.end(), 0);
-    for (int64_t i = rp[g]; i < rp[g + 1]; ++i) kept[ri[i] - g * G.og] = 1;
-    const int64_t rem0 = static_cast<int64_t>(removed.size());
-    for (int64_t o = 0; o < G.og; ++o)
-      if (!kept[o]) removed.push_back(g * G.og + o);
-    const GroupDesc d{rp[g], r, cp[g], k, plan->woff[g], rem0, static_cast<int64_t>(removed.size()) - rem0, 0};
+    const GroupDesc d{rp[g], r, cp[g], k, plan->woff[g], rem_ptr[g], rem_ptr[g + 1] - rem_ptr[g], 0};
     std::memcpy(tb + 8 * g, &d, sizeof(d));
   }
   const int64_t kc = h.col_idx.numel(), taps_per = G.kh * G.kw;
