@@ -65,18 +65,17 @@ bool tensor_cores_for(const at::Tensor& x) {
   return x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
 }
 
-// The checks of both ops, and the plan of their index lists (checked on the host on a cache miss only).
+// The checks of both ops and the plan of the index lists, from the process's plan cache.
 std::pair<ConvGeometry, std::shared_ptr<const cuda_plan::Plan>> checked_plan(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx, const at::Tensor& row_ptr,
     const at::Tensor& col_idx, const at::Tensor& col_ptr, const std::optional<at::Tensor>& bias,
     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, int64_t out_channels) {
-  const ConvGeometry G =
-      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
-  cuda_impl::check_dtype(input.scalar_type());
-  auto plan = cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, input.device());
-  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
-  return {G, std::move(plan)};
+  return cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups, out_channels,
+                                 [&](const ConvGeometry& G) {
+                                   return cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G,
+                                                                      input.device());
+                                 });
 }
 
 }  // namespace

@@ -13,9 +13,11 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 namespace ssl_lightning {
 namespace cuda_impl {
@@ -71,6 +73,21 @@ void with_native_type(at::ScalarType dtype, F&& f) {
     case at::kBFloat16: f(__nv_bfloat16{}); break;
     default: check_dtype(dtype);  // raises
   }
+}
+
+// The checks of both ops in their order, around the plan of the index lists: plan_of(G) gives it (the CUDA plan
+// cache, which checks the index values on a miss only; a fresh build_plan in the CPU emulation).
+template <typename PlanOf>
+std::pair<ConvGeometry, std::shared_ptr<const Plan>> checked_plan(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, int64_t out_channels, PlanOf&& plan_of) {
+  const ConvGeometry G =
+      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
+  check_dtype(input.scalar_type());
+  std::shared_ptr<const Plan> plan = plan_of(G);
+  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
+  return {G, std::move(plan)};
 }
 
 // Rows of the output: the kept filters with compact output, every filter otherwise.

@@ -25,25 +25,21 @@
 namespace ssl_lightning {
 namespace cuda_plan {
 
-// The plan with its tables copied to `device`.
-inline std::shared_ptr<const Plan> to_device(const Plan& host, const at::Device& device) {
-  auto plan = std::make_shared<Plan>(host);
-  for (at::Tensor* t : {&plan->groups, &plan->rows, &plan->removed, &plan->taps, &plan->chan_ptr,
-                        &plan->chan_list})
-    *t = t->to(device);
-  // The copies come from pageable host memory; finish them before another stream can read the tables.
-  c10::cuda::device_synchronize();
-  return plan;
-}
-
 // The CUDA side of the plan cache.
 struct CudaPlanDevice {
   static bool capturing() {
     return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
   }
   static void synchronize() { c10::cuda::device_synchronize(); }
+  // The plan with its tables copied to `device`.
   static std::shared_ptr<const Plan> upload(const Plan& host, const at::Device& device) {
-    return to_device(host, device);
+    auto plan = std::make_shared<Plan>(host);
+    for (at::Tensor* t : {&plan->groups, &plan->rows, &plan->removed, &plan->taps, &plan->chan_ptr,
+                          &plan->chan_list})
+      *t = t->to(device);
+    // The copies come from pageable host memory; finish them before another stream can read the tables.
+    c10::cuda::device_synchronize();
+    return plan;
   }
 };
 

@@ -26,16 +26,26 @@ cuda_impl::Gemm parse(const std::string& gemm) {
   return cuda_impl::Gemm::kLowered;
 }
 
+// The CUDA ops' checks with the plan built afresh (the cache is tested on its own below).
+std::pair<ConvGeometry, std::shared_ptr<const cuda_plan::Plan>> checked_plan(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx, const at::Tensor& row_ptr,
+    const at::Tensor& col_idx, const at::Tensor& col_ptr, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    int64_t groups, int64_t out_channels) {
+  return cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups, out_channels,
+                                 [&](const ConvGeometry& G) -> std::shared_ptr<const cuda_plan::Plan> {
+                                   return cuda_plan::build_plan(
+                                       host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
+                                 });
+}
+
 at::Tensor emulated_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
                          const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
                          bool compact_output, const std::string& gemm) {
-  const ConvGeometry G =
-      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
-  const auto plan =
-      cuda_plan::build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
-  check_weight_and_bias(input, weight, plan->w_expected, bias, out_channels);
+  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride,
+                                      padding, dilation, groups, out_channels);
   const bool tensor_cores = input.scalar_type() != at::kDouble;
   return cuda_impl::forward(emu::Launch{}, input.contiguous(), weight.contiguous(), *plan, bias, G, compact_output,
                             parse(gemm), tensor_cores);
@@ -46,11 +56,8 @@ std::tuple<at::Tensor, at::Tensor> emulated_backward(
     const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
     bool compact_output, std::array<bool, 2> output_mask) {
-  const ConvGeometry G =
-      check_conv_geometry(input, weight, kernel_size, stride, padding, dilation, groups, out_channels);
-  const auto plan =
-      cuda_plan::build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
-  check_weight_and_bias(input, weight, plan->w_expected, std::nullopt, out_channels);
+  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt, kernel_size,
+                                      stride, padding, dilation, groups, out_channels);
   return cuda_impl::backward(emu::Launch{}, grad_output.contiguous(), input.contiguous(), weight.contiguous(), *plan,
                              G, compact_output, output_mask);
 }
