@@ -65,17 +65,13 @@ bool tensor_cores_for(const at::Tensor& x) {
   return x.scalar_type() != at::kFloat || at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
 }
 
-// The checks of both ops and the plan of the index lists, from the process's plan cache.
-std::pair<ConvGeometry, std::shared_ptr<const cuda_plan::Plan>> checked_plan(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx, const at::Tensor& row_ptr,
-    const at::Tensor& col_idx, const at::Tensor& col_ptr, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, int64_t out_channels) {
-  return cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups, out_channels,
-                                 [&](const ConvGeometry& G) {
-                                   return cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G,
-                                                                      input.device());
-                                 });
+// The plan source of both ops: the process's plan cache (the index values are checked on a miss only). The
+// lambda holds references to the index tensors: call it within the op.
+auto cached_plan(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                 const at::Tensor& col_ptr, const at::Device& device) {
+  return [&row_idx, &row_ptr, &col_idx, &col_ptr, device](const ConvGeometry& G) {
+    return cuda_plan::plan_cache().get(row_idx, row_ptr, col_idx, col_ptr, G, device);
+  };
 }
 
 }  // namespace
@@ -87,8 +83,9 @@ at::Tensor compact_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                int64_t groups, int64_t out_channels, bool compact_output) {
   TORCH_CHECK(input.is_cuda(), "compact_conv2d: the CUDA backend needs a CUDA input, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride,
-                                      padding, dilation, groups, out_channels);
+  const auto [G, plan] = cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups,
+                                                 out_channels, cached_plan(row_idx, row_ptr, col_idx, col_ptr,
+                                                                           input.device()));
   const at::Tensor x = input.contiguous();
   return cuda_impl::forward(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, x, weight.contiguous(), *plan, bias, G,
                             compact_output, gemm_switch(), tensor_cores_for(x));
@@ -105,8 +102,9 @@ std::tuple<at::Tensor, at::Tensor> compact_conv2d_backward_cuda(
   TORCH_CHECK(grad_output.device() == input.device(), "compact_conv2d_backward: grad_output is on ",
               grad_output.device(), " but input on ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt, kernel_size,
-                                      stride, padding, dilation, groups, out_channels);
+  const auto [G, plan] = cuda_impl::checked_plan(input, weight, std::nullopt, kernel_size, stride, padding, dilation,
+                                                 groups, out_channels,
+                                                 cached_plan(row_idx, row_ptr, col_idx, col_ptr, input.device()));
   check_grad_output(grad_output, input, G, cuda_impl::out_rows_of(*plan, G, compact_output));
   return cuda_impl::backward(CudaLaunch{c10::cuda::getCurrentCUDAStream()}, grad_output.contiguous(),
                              input.contiguous(), weight.contiguous(), *plan, G, compact_output, output_mask);

@@ -26,17 +26,14 @@ cuda_impl::Gemm parse(const std::string& gemm) {
   return cuda_impl::Gemm::kLowered;
 }
 
-// The CUDA ops' checks with the plan built afresh (the cache is tested on its own below).
-std::pair<ConvGeometry, std::shared_ptr<const cuda_plan::Plan>> checked_plan(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx, const at::Tensor& row_ptr,
-    const at::Tensor& col_idx, const at::Tensor& col_ptr, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, int64_t out_channels) {
-  return cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups, out_channels,
-                                 [&](const ConvGeometry& G) -> std::shared_ptr<const cuda_plan::Plan> {
-                                   return cuda_plan::build_plan(
-                                       host_index_lists(row_idx, row_ptr, col_idx, col_ptr, input.device()), G);
-                                 });
+// The emulated ops' plan source: built afresh (the cache is tested on its own below). The lambda holds
+// references to the index tensors: call it within the op.
+auto fresh_plan(const at::Tensor& row_idx, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                const at::Tensor& col_ptr, const at::Device& device) {
+  return [&row_idx, &row_ptr, &col_idx, &col_ptr, device](const ConvGeometry& G) {
+    return std::shared_ptr<const cuda_plan::Plan>(
+        cuda_plan::build_plan(host_index_lists(row_idx, row_ptr, col_idx, col_ptr, device), G));
+  };
 }
 
 at::Tensor emulated_conv(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& row_idx,
@@ -44,8 +41,9 @@ at::Tensor emulated_conv(const at::Tensor& input, const at::Tensor& weight, cons
                          const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
                          bool compact_output, const std::string& gemm) {
-  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, bias, kernel_size, stride,
-                                      padding, dilation, groups, out_channels);
+  const auto [G, plan] = cuda_impl::checked_plan(input, weight, bias, kernel_size, stride, padding, dilation, groups,
+                                                 out_channels, fresh_plan(row_idx, row_ptr, col_idx, col_ptr,
+                                                                          input.device()));
   const bool tensor_cores = input.scalar_type() != at::kDouble;
   return cuda_impl::forward(emu::Launch{}, input.contiguous(), weight.contiguous(), *plan, bias, G, compact_output,
                             parse(gemm), tensor_cores);
@@ -56,8 +54,9 @@ std::tuple<at::Tensor, at::Tensor> emulated_backward(
     const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& col_ptr, at::IntArrayRef kernel_size,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t out_channels,
     bool compact_output, std::array<bool, 2> output_mask) {
-  const auto [G, plan] = checked_plan(input, weight, row_idx, row_ptr, col_idx, col_ptr, std::nullopt, kernel_size,
-                                      stride, padding, dilation, groups, out_channels);
+  const auto [G, plan] = cuda_impl::checked_plan(input, weight, std::nullopt, kernel_size, stride, padding, dilation,
+                                                 groups, out_channels,
+                                                 fresh_plan(row_idx, row_ptr, col_idx, col_ptr, input.device()));
   return cuda_impl::backward(emu::Launch{}, grad_output.contiguous(), input.contiguous(), weight.contiguous(), *plan,
                              G, compact_output, output_mask);
 }
