@@ -23,7 +23,7 @@ from ssl_lightning.callback import OWNED_DECAY_KEY
 from .conftest import Module, PlainSGD, loader, trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_job import DigestPerRank, SetAlpha
+from ddp_job import DigestPerRank, SetAlpha, gathered
 
 PHASES = {"dense": [0, 1], "ssl": [1, 3], "finetune": [3, None]}
 
@@ -269,7 +269,7 @@ def test_ddp_ranks_hold_identical_alpha_masks_and_weights(tmp_path: Path) -> Non
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["pruned"] and saved["alphas"] > 0
-        g = saved["gathered"]
+        g = gathered(tmp_path)
         torch.testing.assert_close(g[0], g[1], rtol=0, atol=0)  # same masks, α and weights on both ranks
         assert 0 < g[0, 0] < g[0, 1]  # something pruned, something kept
 
