@@ -104,14 +104,23 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): d if isinstance(d, int | float | str | bool | type(None)) else str(d)}
 
 
-def _prepare_loggers(cli: LightningCLI, recipe: str, job: str, group: str) -> None:
-    """One logger run per training: a W&B run of its own in a shared ``group`` with ``job_type`` = job (the
-    baseline and the SSL training are two runs to compare, not one run whose step restarts), and the resolved
-    recipe as hyperparameters in every logger."""
+def _group(recipe: str, command: str) -> str:
+    """The W&B group that holds every training of one command: recipe, command and start time."""
+    return f"{Path(recipe).stem}-{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _prepare_loggers(
+    cli: LightningCLI, recipe: str, job: str, group: str, *, keep_id: bool = False, extra: dict[str, Any] | None = None
+) -> None:
+    """One logger run per training: a W&B run of its own in a shared ``group`` with ``job_type`` = job (a
+    baseline and an SSL training, or the λ of a sweep, are runs to compare, not one run whose step restarts and
+    whose later records W&B drops), and the resolved recipe (plus ``extra``) as hyperparameters in every logger.
+    A fixed run id in the recipe belongs to the training with ``keep_id``; every other gets a fresh one."""
     from lightning.pytorch.loggers import WandbLogger
 
     config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else dict(cli.config)
     hparams = {"recipe": recipe, "job": job, **_flat({k: v for k, v in config.items() if k != "config"})}
+    hparams |= _flat(extra or {})
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is None:  # not started: its init args still apply
             init = logger._wandb_init
@@ -119,9 +128,17 @@ def _prepare_loggers(cli: LightningCLI, recipe: str, job: str, group: str) -> No
             init["job_type"] = job
             name = init.get("name") or Path(recipe).stem
             init["name"] = logger._name = f"{name}-{job}"
-            if job == "baseline":  # a fixed run id belongs to the SSL run; the baseline gets a fresh one
+            if not keep_id:
                 init["id"] = logger._id = None
         logger.log_hyperparams(hparams)
+
+
+def _log_summary(trainer: pl.Trainer, prefix: str, row: dict[str, Any]) -> None:
+    """A training's figures (the numbers of its table row) as ``prefix/key`` in every logger, at its last step,
+    so W&B's run table compares the runs of one group."""
+    metrics = {f"{prefix}/{k}": float(v) for k, v in row.items() if isinstance(v, int | float)}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _finish_loggers(trainer: pl.Trainer) -> None:
@@ -223,7 +240,7 @@ def run(
     check_recipe(recipe)
     root = _out_dir(out_dir) if out_dir else None  # before training: a bad --out must not cost the run
     t0 = time.perf_counter()
-    group = f"{Path(recipe).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    group = _group(recipe, "run")
     baseline_acc = None
     if baseline:  # same recipe, same seed, without the SSL callback
         base = _build(recipe, overrides, root / "baseline" if root else None)
@@ -238,7 +255,7 @@ def run(
         (root / "config.yaml").write_text(main.parser.dump(main.config, skip_none=False))
     trainer, model, data = main.trainer, main.model, main.datamodule
     ssl = _ssl_callback(trainer, recipe)
-    _prepare_loggers(main, recipe, "ssl", group)
+    _prepare_loggers(main, recipe, "ssl", group, keep_id=True)
     trainer.fit(model, datamodule=data)
     val_acc = _metric(trainer, "val_acc", data)
     net = _network(model).eval()
@@ -302,9 +319,8 @@ def _write(result: RunResult, info: Any, net: nn.Module, ssl: SparsityCallback, 
 def _log(trainer: pl.Trainer, result: RunResult) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    metrics = {f"run/{k}": float(v) for k, v in result.summary().items() if isinstance(v, int | float)}
+    _log_summary(trainer, "run", result.summary())
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
         if isinstance(logger, WandbLogger):
             for png in ("layer_sparsity.png", "conv1_filters.png"):
                 if (result.out_dir / png).exists():
@@ -346,22 +362,29 @@ def sweep(
     out = _out_dir(out_dir or "runs/sweep")
     _ssl_callback(_build(recipe, list(overrides or [])).trainer, recipe).set_strength(1.0, ratios)  # check first
     dense_acc = None
+    group = _group(recipe, "sweep")
     if baseline:
         base = _build(recipe, list(overrides or []), out / "baseline")
         base.trainer.callbacks = [c for c in base.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+        _prepare_loggers(base, recipe, "baseline", group)
         base.trainer.fit(base.model, datamodule=base.datamodule)
         dense_acc = _metric(base.trainer, "val_acc", base.datamodule)
+        _log_summary(base.trainer, "sweep", {"val_acc": dense_acc})
+        _finish_loggers(base.trainer)
         print(f"dense baseline: val acc {100 * dense_acc:.2f} %")
     rows = []
     for lam in lambdas:
         cli = _build(recipe, list(overrides or []), out / f"lambda_{lam:g}")
         ssl = _ssl_callback(cli.trainer, recipe)
         ssl.set_strength(lam, ratios)
+        _prepare_loggers(cli, recipe, f"lambda_{lam:g}", group, extra={"sweep": {"lambda": lam}})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         net = copy.deepcopy(_network(cli.model)).eval()
         rep = sparsity_report(net, _val_batch(cli.datamodule, 1).to(cli.model.device))
         rows.append({"lambda": lam, **{f"lambda_{k}": v for k, v in ssl.group_spec().items()},
                      "val_acc": _metric(cli.trainer, "val_acc", cli.datamodule), **rep.totals()})  # fmt: skip
+        _log_summary(cli.trainer, "sweep", rows[-1])
+        _finish_loggers(cli.trainer)
         print(f"λ={lam:g}: val acc {100 * rows[-1]['val_acc']:.2f} %, FLOP {100 * rows[-1]['flop_fraction']:.1f} %")
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -495,6 +518,7 @@ def compare(
         _instantiate(label, cfg)  # every method's arguments checked before any training
     out = _out_dir(out_dir or "runs/compare")
     rows = []
+    group = _group(recipe, "compare")
     runs = [(s, label) for s in (seeds or spec_seeds) for label in methods]
     for i, (seed, label) in enumerate(runs, 1):
         t0 = time.perf_counter()
@@ -502,8 +526,11 @@ def compare(
         _ssl_callback(cli.trainer, recipe)
         others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         cli.trainer.callbacks = [*others, _instantiate(label, methods[label])]  # type: ignore[attr-defined]
+        _prepare_loggers(cli, recipe, f"{label}-seed{seed}", group, extra={"compare": {"method": methods[label]}})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         rows.append(_evaluate(label, seed, cli.trainer, cli.model, cli.datamodule))
+        _log_summary(cli.trainer, "compare", rows[-1])
+        _finish_loggers(cli.trainer)
         r = rows[-1]
         print(
             f"[{i}/{len(runs)}] {label} (seed {seed}): val acc {100 * r['val_acc']:.2f} %, FLOP "
@@ -609,12 +636,16 @@ def granularity_study(
     out = _out_dir(out_dir or "runs/granularity")
     overrides = list(overrides or [])
 
+    group = _group(recipe, "granularity")
     dense = _build(recipe, overrides)
     _ssl_callback(dense.trainer, recipe)
     dense.trainer.callbacks = [c for c in dense.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
+    _prepare_loggers(dense, recipe, "dense", group)
     print(f"granularity: training the dense model ({dense.trainer.max_epochs} epochs)", flush=True)
     dense.trainer.fit(dense.model, datamodule=dense.datamodule)
     baseline = _metric(dense.trainer, "val_acc", dense.datamodule)
+    _log_summary(dense.trainer, "granularity", {"val_acc": baseline})
+    _finish_loggers(dense.trainer)
     trained = {k: v.detach().clone() for k, v in dense.model.state_dict().items()}
     convs = include or [f"model.{n}" for n, m in dense.model.model.named_modules() if isinstance(m, nn.Conv2d)]
     layers = [n.removeprefix("model.") for n in convs]
@@ -629,6 +660,8 @@ def granularity_study(
         )  # fmt: skip
         others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         cli.trainer.callbacks = [*others, pruner]  # type: ignore[attr-defined]
+        job = f"{gran}-{100 * level:g}pct"
+        _prepare_loggers(cli, recipe, job, group, extra={"granularity": {"granularity": gran, "level": level}})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         net = cli.model.model
         stats = storage_report(net, gran, value_bits=value_bits, index_bits=index_bits, layers=layers)
@@ -648,6 +681,8 @@ def granularity_study(
                 "dense_bytes": dense_bits / 8,
             }
         )
+        _log_summary(cli.trainer, "granularity", rows[-1])
+        _finish_loggers(cli.trainer)
         r = rows[-1]
         print(
             f"[{i}/{len(runs)}] {gran} {100 * level:.0f} %: val acc {100 * r['val_acc']:.2f} % (dense "

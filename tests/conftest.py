@@ -202,15 +202,19 @@ def read_wandb_history(save_dir: Path, timeout: float = 60.0) -> list[dict[str, 
 
 
 def read_wandb_runs(save_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Every offline run under ``save_dir``: its name, group, job type and config (flat keys)."""
+    """Every offline run under ``save_dir``: its name, group, job type, config (flat keys) and history rows."""
     read_wandb_history(save_dir, timeout)  # waits until every log is complete
     runs = []
     for path in sorted(glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb"))):
-        run: dict[str, Any] = {"config": {}}
+        run: dict[str, Any] = {"config": {}, "history": []}
         for rec in _wandb_records(path)[0]:
             kind = rec.WhichOneof("record_type")
             items = []
-            if kind == "run":
+            if kind == "history":
+                run["history"].append(
+                    {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+                )
+            elif kind == "run":
                 run.update(name=rec.run.display_name, group=rec.run.run_group, job_type=rec.run.job_type)
                 items = list(rec.run.config.update)
             elif kind == "config":

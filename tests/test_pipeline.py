@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -42,15 +43,52 @@ def test_run_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "## Per-layer structure" in md and "| **model** |" in md and "conv1_filters.png" in md
 
 
+def _wandb_offline(save_dir: Path) -> list[str]:
+    """CLI arguments for an offline WandbLogger writing under ``save_dir``."""
+    return ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
+            "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.offline", "true",
+            "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
+
+
+def _runs_by_job(save_dir: Path, group_prefix: str) -> dict[str, dict[str, Any]]:
+    """The offline W&B runs under ``save_dir`` by job type; all of them in one group named after the command,
+    each with its own training history (a training logged into another's run would be dropped by W&B)."""
+    import wandb
+
+    from .conftest import read_wandb_runs
+
+    wandb.finish()  # the CLI process flushes at exit; in-process, finish the offline run before reading it
+    runs = read_wandb_runs(save_dir)
+    by_job = {r["job_type"]: r for r in runs}
+    assert len(by_job) == len(runs), f"two runs with one job type: {[r['job_type'] for r in runs]}"
+    assert len({r["group"] for r in runs}) == 1 and runs[0]["group"].startswith(group_prefix), runs[0]["group"]
+    for job, r in by_job.items():
+        assert r["name"].endswith(f"-{job}") and any("val_acc" in row for row in r["history"]), job
+    return by_job
+
+
 def test_sweep_writes_csv_and_chart_with_ratios_and_the_dense_baseline(tmp_path: Path) -> None:
+    import wandb
+
+    wandb.finish()
     out = tmp_path / "sweep"
-    main(["sweep", RECIPE, "--lambda", "0", "5", "--ratio", "shape=2", "--baseline", "--out", str(out), *QUICK])
+    main(["sweep", RECIPE, "--lambda", "0", "5", "--ratio", "shape=2", "--baseline", "--out", str(out), *QUICK,
+          *_wandb_offline(tmp_path / "wb")])  # fmt: skip
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["lambda"]) for r in rows] == [0.0, 5.0]
     assert (float(rows[1]["lambda_shape"]), float(rows[1]["lambda_channel"])) == (10.0, 5.0)  # λ × ratio
     assert float(rows[1]["flop_fraction"]) < float(rows[0]["flop_fraction"])  # larger λ, fewer FLOPs
-    assert (out / "sweep.png").stat().st_size > 0 and (out / "baseline").is_dir()
+    assert (out / "sweep.png").stat().st_size > 0
+    # One W&B run per training, its λ in the config and its table row as summary figures.
+    runs = _runs_by_job(tmp_path / "wb", "lenet_mnist5k_shapes-sweep-")
+    assert sorted(runs) == ["baseline", "lambda_0", "lambda_5"]
+    for row in rows:
+        run = runs[f"lambda_{float(row['lambda']):g}"]
+        assert run["config"]["sweep/lambda"] == float(row["lambda"])
+        logged = next(r for r in run["history"] if "sweep/flop_fraction" in r)
+        assert logged["sweep/flop_fraction"] == pytest.approx(float(row["flop_fraction"]))
+    assert any("sweep/val_acc" in r for r in runs["baseline"]["history"])
 
 
 @pytest.mark.parametrize(
@@ -83,11 +121,7 @@ def test_run_sends_the_summary_and_charts_to_wandb_offline(tmp_path: Path) -> No
     from .conftest import read_wandb_history
 
     wandb.finish()  # a run left open by an earlier test would be reused by WandbLogger and get our records
-
-    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.offline", "true",
-              "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
-    main(["run", RECIPE, "--out", str(tmp_path / "run"), *QUICK, *logger])
+    main(["run", RECIPE, "--out", str(tmp_path / "run"), *QUICK, *_wandb_offline(tmp_path)])
     wandb.finish()  # the CLI process flushes at exit; in-process, finish the offline run before reading it
     rows = read_wandb_history(tmp_path)
     keys = {k for r in rows for k in r}
@@ -105,11 +139,8 @@ def test_run_baseline_is_its_own_wandb_run_with_hyperparameters_and_everything_l
 
     wandb.finish()
     monkeypatch.chdir(tmp_path)  # nothing may be written to the current directory
-    logger = ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "wb"), "--trainer.logger.init_args.offline",
-              "true", "--trainer.logger.init_args.project", "ssl-run-test"]  # fmt: skip
     out = tmp_path / "out"
-    main(["run", RECIPE, "--baseline", "--out", str(out), *QUICK, *logger])
+    main(["run", RECIPE, "--baseline", "--out", str(out), *QUICK, *_wandb_offline(tmp_path / "wb")])
     wandb.finish()
     runs = read_wandb_runs(tmp_path / "wb")
     assert sorted(r["job_type"] for r in runs) == ["baseline", "ssl"]
@@ -171,6 +202,8 @@ def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(tmp_path:
 
 
 def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     spec = tmp_path / "spec.yaml"
     phases = "{ssl: [0, 1], finetune: [1, null]}"
@@ -183,7 +216,8 @@ def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys
     )
     fast = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    main(["compare", str(spec), "--out", str(tmp_path / "out"), *fast])
+    wandb.finish()
+    main(["compare", str(spec), "--out", str(tmp_path / "out"), *fast, *_wandb_offline(tmp_path / "wb")])
     printed = capsys.readouterr().out
     assert "[1/2] l1 (seed 0)" in printed and "[2/2] kernels (seed 0)" in printed
     with open(tmp_path / "out" / "compare.csv") as f:
@@ -194,6 +228,11 @@ def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys
     assert kernels["path_batch1"] in ("compact", "csr") and float(kernels["speedup_batch64"]) > 0
     assert (tmp_path / "out" / "accuracy_vs_speedup.png").stat().st_size > 0
     assert "| kernels | 1 |" in (tmp_path / "out" / "compare.md").read_text()
+    runs = _runs_by_job(tmp_path / "wb", "lenet_mnist5k_filters-compare-")
+    assert sorted(runs) == ["kernels-seed0", "l1-seed0"]
+    assert runs["kernels-seed0"]["config"]["compare/method/init_args/granularity"] == "kernel"
+    logged = next(r for r in runs["kernels-seed0"]["history"] if "compare/param_fraction" in r)
+    assert logged["compare/param_fraction"] == pytest.approx(float(kernels["param_fraction"]))
 
 
 def test_compare_spec_errors_name_the_key(tmp_path: Path) -> None:
@@ -209,11 +248,14 @@ def test_compare_spec_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_granularity_study_runs_every_granularity_and_level(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
     recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "lenet_mnist5k_filters.yaml")
     fast = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    wandb.finish()
     main(["granularity", recipe, "--granularities", "kernel", "filter", "--levels", "0.5", "0.75",
-          "--finetune-epochs", "1", "--out", str(tmp_path / "out"), *fast])  # fmt: skip
+          "--finetune-epochs", "1", "--out", str(tmp_path / "out"), *fast, *_wandb_offline(tmp_path / "wb")])  # fmt: skip
     assert "[4/4] filter 75 %" in capsys.readouterr().out
     with open(tmp_path / "out" / "granularity.csv") as f:
         rows = list(csv.DictReader(f))
@@ -228,6 +270,10 @@ def test_granularity_study_runs_every_granularity_and_level(tmp_path: Path, caps
         assert float(r["compression"]) > 1.5
     assert "Best compression within 1.0 points" in (tmp_path / "out" / "granularity.md").read_text()
     assert (tmp_path / "out" / "granularity.png").stat().st_size > 0
+    runs = _runs_by_job(tmp_path / "wb", "lenet_mnist5k_filters-granularity-")
+    assert sorted(runs) == ["dense", "filter-50pct", "filter-75pct", "kernel-50pct", "kernel-75pct"]
+    assert runs["kernel-75pct"]["config"]["granularity/level"] == 0.75
+    assert any("granularity/compression" in r for r in runs["kernel-75pct"]["history"])
     with pytest.raises(SystemExit):
         main(["granularity", recipe, "--granularities", "block"])
     assert "--granularities: unknown granularity 'block'; allowed: element, vector" in capsys.readouterr().err
