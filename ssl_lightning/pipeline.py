@@ -647,8 +647,10 @@ def granularity_study(
     _log_summary(dense.trainer, "granularity", {"val_acc": baseline})
     _finish_loggers(dense.trainer)
     trained = {k: v.detach().clone() for k, v in dense.model.state_dict().items()}
-    convs = include or [f"model.{n}" for n, m in dense.model.model.named_modules() if isinstance(m, nn.Conv2d)]
-    layers = [n.removeprefix("model.") for n in convs]
+    # include: names in the LightningModule (what the pruner takes); layers: the same in the network it reports.
+    prefix = "" if _network(dense.model) is dense.model else "model."
+    convs = include or [f"{prefix}{n}" for n, m in _network(dense.model).named_modules() if isinstance(m, nn.Conv2d)]
+    layers = [n.removeprefix(prefix) for n in convs]
     rows: list[dict[str, Any]] = []
     runs = [(g, s) for g in granularities for s in levels]
     for i, (gran, level) in enumerate(runs, 1):
@@ -663,7 +665,7 @@ def granularity_study(
         job = f"{gran}-{100 * level:g}pct"
         _prepare_loggers(cli, recipe, job, group, extra={"granularity": {"granularity": gran, "level": level}})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        net = cli.model.model
+        net = _network(cli.model)
         stats = storage_report(net, gran, value_bits=value_bits, index_bits=index_bits, layers=layers)
         dense_bits, stored = sum(s.dense_bits for s in stats), sum(s.stored_bits for s in stats)
         with torch.no_grad():

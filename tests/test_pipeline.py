@@ -199,6 +199,12 @@ def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(tmp_path:
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     main(["fit", "--model", "tests.test_pipeline.OwnLit", "--model.width", "4", "--data",
           "ssl_lightning.data.MNIST5kDataModule", *fast])  # fmt: skip
+    # Mao et al.'s study on the same module: its convs found and pruned by their names in it (no `model.`).
+    main(["granularity", str(recipe), "--granularities", "filter", "--levels", "0.5", "--finetune-epochs", "1",
+          "--out", str(tmp_path / "gran"), *fast])  # fmt: skip
+    with open(tmp_path / "gran" / "granularity.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["granularity"] == "filter" and float(row["weight_sparsity"]) == pytest.approx(0.5, abs=0.1)
 
 
 def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
