@@ -43,7 +43,16 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ChannelSpace", "GraphAnalysis", "analyze", "capture_inputs", "own_forward", "trace_module"]
+__all__ = [
+    "CallArgs",
+    "ChannelSpace",
+    "GraphAnalysis",
+    "analyze",
+    "capture_calls",
+    "capture_inputs",
+    "own_forward",
+    "trace_module",
+]
 
 # Modules and functions that keep dim 1 channel-for-channel.
 _PASS_MODULES: tuple[type[nn.Module], ...] = (
@@ -796,17 +805,32 @@ def analyze(model: nn.Module, example_inputs: Sequence[Tensor] | None = None) ->
     return merged
 
 
-def capture_inputs(
+CallArgs = tuple[tuple[Any, ...], dict[str, Any]]  # (args, kwargs) of one call
+
+
+def capture_calls(
     model: nn.Module, names: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
-) -> dict[str, list[Tensor]]:
-    """The first positional input each named module receives, once per trial (``run(model, trial)``)."""
-    seen: dict[str, list[Tensor]] = {n: [] for n in names}
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(lambda _m, args, n=n: seen[n].append(args[0].detach())) for n in names]
+) -> dict[str, list[CallArgs]]:
+    """The (args, kwargs) every named submodule is called with, each call of every trial (``run(model, trial)``)."""
+    calls: dict[str, list[CallArgs]] = {n: [] for n in names}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, k, n=n: calls[n].append((a, k)), with_kwargs=True
+        )
+        for n in names
+    ]
     try:
-        for trial in trials:
-            run(model, trial)
+        if names:
+            for trial in trials:
+                run(model, trial)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return calls
+
+
+def capture_inputs(
+    model: nn.Module, names: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
+) -> dict[str, list[Tensor]]:
+    """The first positional input each named module receives, once per call of every trial."""
+    return {n: [a[0].detach() for a, _ in calls] for n, calls in capture_calls(model, names, trials, run).items()}

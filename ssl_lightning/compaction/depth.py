@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ssl_lightning.graph import analyze, trace_module
+from ssl_lightning.graph import CallArgs, analyze, capture_calls, trace_module
 
 __all__ = ["apply_depth_plan", "plan_and_remove_depth"]
 
@@ -106,7 +106,7 @@ def plan_and_remove_depth(
         found[hit[0]] = (branch, *hit[1:])
     # One pass over the trials records every candidate block's calls (a rewrite keeps outputs equal, so the
     # inputs of the other blocks stay valid).
-    calls = _block_calls(model, list(found), trials, run)
+    calls = capture_calls(model, list(found), trials, run)
     for prefix, (branch, sub, gm, add, operand) in found.items():
         const = _measure(gm, add.args[operand], calls[prefix])  # type: ignore[arg-type]
         if const is None:
@@ -117,9 +117,6 @@ def plan_and_remove_depth(
         plan.append({"module": prefix, "add": add.name, "operand": operand, "shape": list(const.shape),
                      "buffer": buffer, "removed": sorted(branch)})  # fmt: skip
     return plan, notes
-
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 def _enclosing_block(
@@ -148,28 +145,7 @@ def _enclosing_block(
     return None, last
 
 
-def _block_calls(
-    model: nn.Module, prefixes: Sequence[str], trials: Sequence[tuple[Tensor, ...]], run: Callable[..., object]
-) -> dict[str, list[Call]]:
-    """The (args, kwargs) every named submodule is called with, over all trials."""
-    calls: dict[str, list[Call]] = {p: [] for p in prefixes}
-    hooks = [
-        model.get_submodule(p).register_forward_pre_hook(
-            lambda _m, a, k, p=p: calls[p].append((a, k)), with_kwargs=True
-        )
-        for p in prefixes
-    ]
-    try:
-        if prefixes:
-            for trial in trials:
-                run(model, trial)
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
-
-
-def _measure(gm: fx.GraphModule, node: fx.Node, calls: Sequence[Call]) -> Tensor | None:
+def _measure(gm: fx.GraphModule, node: fx.Node, calls: Sequence[CallArgs]) -> Tensor | None:
     """The branch operand's value as [1, C, 1...] if it is the same at every batch item and position, else None."""
     values: list[Tensor] = []
 
