@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from ssl_lightning.graph import GraphAnalysis, analyze
 from ssl_lightning.groups import Group, Selector, build_groups, group_parameters
 from ssl_lightning.penalty import apply_masks_, mask_grads_
 from ssl_lightning.report import CompactionReport, sparsity_report
@@ -186,6 +187,7 @@ class SparsityCallback(Callback):
         self._monitored: dict[str, float] = {}  # model-level figures logged through pl_module.log every step
         self._owned: dict[str, Tensor] = {}  # the method's own parameters (e.g. PSP's α) until they are folded
         self._others: list[SparsityCallback] = []  # the Trainer's other sparsity callbacks
+        self._analysis: GraphAnalysis | None = None  # the graph the groups were last built from
 
     # ------------------------------------------------------------ subclass API
     def group_spec(self) -> dict[str, float]:
@@ -275,6 +277,8 @@ class SparsityCallback(Callback):
             )
 
     def _build_groups(self, pl_module: LightningModule, spec: Mapping[str, float]) -> list[Group]:
+        inputs = _example_inputs(pl_module)
+        self._analysis = analyze(pl_module, inputs)  # kept for the method's own checks of the same graph
         return build_groups(
             pl_module,
             spec,
@@ -284,7 +288,8 @@ class SparsityCallback(Callback):
             couple=self.couple,
             depth_blocks=self.depth_blocks,
             scale_by_group_size=self.scale_by_group_size,
-            example_inputs=_example_inputs(pl_module),
+            example_inputs=inputs,
+            analysis=self._analysis,
         )
 
     def _set_groups(self, pl_module: LightningModule, groups: list[Group]) -> None:

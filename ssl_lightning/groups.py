@@ -364,6 +364,7 @@ def build_groups(
     depth_blocks: Sequence[str] | None = None,
     scale_by_group_size: bool = False,
     example_inputs: Sequence[Tensor] | None = None,
+    analysis: GraphAnalysis | None = None,
 ) -> list[Group]:
     """Build the group families of ``model`` for every group type in ``lambdas`` (type -> λ).
 
@@ -379,12 +380,14 @@ def build_groups(
     The layers whose outputs are the model's outputs get no filter / neuron_out groups.
     example_inputs: inputs of ``model`` (a tuple of positional arguments); when given, each traced graph the
     coupling and depth groups come from is checked against a real run (see :func:`ssl_lightning.graph.analyze`).
+    analysis: ``analyze(model, example_inputs)`` when the caller already has it (it is not computed again).
     """
     layer_lambdas = dict(layer_lambdas or {})
     _validate(lambdas, layer_lambdas, model)
     selected = _select(model, include, exclude)
     all_modules = dict(model.named_modules())
-    analysis = analyze(model, example_inputs)  # piecewise where torch.fx cannot trace the whole model
+    if analysis is None:  # piecewise where torch.fx cannot trace the whole model
+        analysis = analyze(model, example_inputs)
     terminal = analysis.terminal_modules
     if couple and analysis.untraced:
         warnings.warn(

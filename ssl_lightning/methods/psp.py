@@ -336,15 +336,12 @@ class ParameterizedPruning(SparsityCallback):
 
     def _warn_scale_invariant(self, pl_module: LightningModule) -> None:
         layers = {g.modules[0] for g in self.groups if g.kind in ("filter", "neuron_out")}
-        if not layers:
+        if not layers or self._analysis is None:
             return
-        from ssl_lightning.graph import analyze
-
-        analysis = analyze(pl_module)
         modules = dict(pl_module.named_modules())
         hits = sorted(
             p
-            for sp in analysis.spaces
+            for sp in self._analysis.spaces
             for p in sp.producers
             if p in layers and any(isinstance(modules.get(n), nn.modules.batchnorm._BatchNorm) for n in sp.passthrough)
         )
