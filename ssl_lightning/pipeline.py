@@ -522,7 +522,7 @@ def compare(
     runs = [(s, label) for s in (seeds or spec_seeds) for label in methods]
     for i, (seed, label) in enumerate(runs, 1):
         t0 = time.perf_counter()
-        cli = _build(recipe, [*(overrides or []), "--seed_everything", str(seed)])
+        cli = _build(recipe, [*(overrides or []), "--seed_everything", str(seed)], out / f"{label}-seed{seed}")
         _ssl_callback(cli.trainer, recipe)
         others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         cli.trainer.callbacks = [*others, _instantiate(label, methods[label])]  # type: ignore[attr-defined]
@@ -637,7 +637,7 @@ def granularity_study(
     overrides = list(overrides or [])
 
     group = _group(recipe, "granularity")
-    dense = _build(recipe, overrides)
+    dense = _build(recipe, overrides, out / "dense")
     _ssl_callback(dense.trainer, recipe)
     dense.trainer.callbacks = [c for c in dense.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
     _prepare_loggers(dense, recipe, "dense", group)
@@ -654,7 +654,8 @@ def granularity_study(
     rows: list[dict[str, Any]] = []
     runs = [(g, s) for g in granularities for s in levels]
     for i, (gran, level) in enumerate(runs, 1):
-        cli = _build(recipe, [*overrides, "--trainer.max_epochs", str(finetune_epochs)])
+        job = f"{gran}-{100 * level:g}pct"
+        cli = _build(recipe, [*overrides, "--trainer.max_epochs", str(finetune_epochs)], out / job)
         cli.model.load_state_dict(trained)
         pruner = GranularityPruning(
             gran, level, phases={"ssl": [0, 1], "finetune": [1, None]}, unit="step", include=convs,
@@ -662,7 +663,6 @@ def granularity_study(
         )  # fmt: skip
         others = [c for c in cli.trainer.callbacks if not isinstance(c, SparsityCallback)]  # type: ignore[attr-defined]
         cli.trainer.callbacks = [*others, pruner]  # type: ignore[attr-defined]
-        job = f"{gran}-{100 * level:g}pct"
         _prepare_loggers(cli, recipe, job, group, extra={"granularity": {"granularity": gran, "level": level}})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         net = _network(cli.model)

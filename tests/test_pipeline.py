@@ -181,7 +181,9 @@ class OwnLit(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(tmp_path: Path) -> None:
+def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     recipe = tmp_path / "own.yaml"
     recipe.write_text(
         "model:\n  class_path: tests.test_pipeline.OwnLit\n  init_args: {width: 6}\n"
@@ -199,15 +201,24 @@ def test_fit_and_run_take_the_users_own_lightning_module_by_class_path(tmp_path:
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     main(["fit", "--model", "tests.test_pipeline.OwnLit", "--model.width", "4", "--data",
           "ssl_lightning.data.MNIST5kDataModule", *fast])  # fmt: skip
-    # Mao et al.'s study on the same module: its convs found and pruned by their names in it (no `model.`).
+    # Mao et al.'s study on the same module: its convs found and pruned by their names in it (no `model.`);
+    # every training's logs under --out, one directory each, nothing in the current directory.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     main(["granularity", str(recipe), "--granularities", "filter", "--levels", "0.5", "--finetune-epochs", "1",
-          "--out", str(tmp_path / "gran"), *fast])  # fmt: skip
+          "--out", str(tmp_path / "gran"), *fast[:-2]])  # fmt: skip
     with open(tmp_path / "gran" / "granularity.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["granularity"] == "filter" and float(row["weight_sparsity"]) == pytest.approx(0.5, abs=0.1)
+    assert list(cwd.iterdir()) == []
+    assert (tmp_path / "gran" / "dense" / "lightning_logs").is_dir()
+    assert (tmp_path / "gran" / "filter-50pct" / "lightning_logs").is_dir()
 
 
-def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_trains_every_method_and_writes_one_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import wandb
 
     recipes = Path(__file__).resolve().parent.parent / "recipes"
@@ -221,8 +232,9 @@ def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys
         f"    init_args: {{granularity: kernel, sparsity: 0.5, phases: {phases}, include: [model.conv2]}}\n"
     )
     fast = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
     wandb.finish()
+    monkeypatch.chdir(tmp_path)
     main(["compare", str(spec), "--out", str(tmp_path / "out"), *fast, *_wandb_offline(tmp_path / "wb")])
     printed = capsys.readouterr().out
     assert "[1/2] l1 (seed 0)" in printed and "[2/2] kernels (seed 0)" in printed
@@ -234,6 +246,7 @@ def test_compare_trains_every_method_and_writes_one_table(tmp_path: Path, capsys
     assert kernels["path_batch1"] in ("compact", "csr") and float(kernels["speedup_batch64"]) > 0
     assert (tmp_path / "out" / "accuracy_vs_speedup.png").stat().st_size > 0
     assert "| kernels | 1 |" in (tmp_path / "out" / "compare.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "spec.yaml", "wb"]  # nothing else in the cwd
     runs = _runs_by_job(tmp_path / "wb", "lenet_mnist5k_filters-compare-")
     assert sorted(runs) == ["kernels-seed0", "l1-seed0"]
     assert runs["kernels-seed0"]["config"]["compare/method/init_args/granularity"] == "kernel"
