@@ -68,18 +68,25 @@ def _runs_by_job(save_dir: Path, group_prefix: str) -> dict[str, dict[str, Any]]
 
 
 def test_sweep_writes_csv_and_chart_with_ratios_and_the_dense_baseline(tmp_path: Path) -> None:
-    import wandb
-
-    wandb.finish()
     out = tmp_path / "sweep"
-    main(["sweep", RECIPE, "--lambda", "0", "5", "--ratio", "shape=2", "--baseline", "--out", str(out), *QUICK,
-          *_wandb_offline(tmp_path / "wb")])  # fmt: skip
+    main(["sweep", RECIPE, "--lambda", "0", "5", "--ratio", "shape=2", "--baseline", "--out", str(out), *QUICK])
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["lambda"]) for r in rows] == [0.0, 5.0]
     assert (float(rows[1]["lambda_shape"]), float(rows[1]["lambda_channel"])) == (10.0, 5.0)  # λ × ratio
     assert float(rows[1]["flop_fraction"]) < float(rows[0]["flop_fraction"])  # larger λ, fewer FLOPs
-    assert (out / "sweep.png").stat().st_size > 0
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "baseline").is_dir()
+
+
+def test_sweep_gives_every_training_its_own_wandb_run(tmp_path: Path) -> None:
+    import wandb
+
+    wandb.finish()
+    out = tmp_path / "sweep"
+    main(["sweep", RECIPE, "--lambda", "0", "5", "--baseline", "--out", str(out), *QUICK,
+          *_wandb_offline(tmp_path / "wb")])  # fmt: skip
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
     # One W&B run per training, its λ in the config and its table row as summary figures.
     runs = _runs_by_job(tmp_path / "wb", "lenet_mnist5k_shapes-sweep-")
     assert sorted(runs) == ["baseline", "lambda_0", "lambda_5"]
