@@ -269,9 +269,9 @@ def test_ddp_ranks_hold_identical_alpha_masks_and_weights(tmp_path: Path) -> Non
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["pruned"] and saved["alphas"] > 0
-        g = gathered(tmp_path)
-        torch.testing.assert_close(g[0], g[1], rtol=0, atol=0)  # same masks, α and weights on both ranks
-        assert 0 < g[0, 0] < g[0, 1]  # something pruned, something kept
+    g = gathered(tmp_path)
+    torch.testing.assert_close(g[0], g[1], rtol=0, atol=0)  # same masks, α and weights on both ranks
+    assert 0 < g[0, 0] < g[0, 1]  # something pruned, something kept
 
 
 def test_psp_and_ssl_on_the_same_layers_are_refused_and_on_disjoint_layers_allowed(tmp_path: Path) -> None:
