@@ -648,8 +648,10 @@ def granularity_study(
     _finish_loggers(dense.trainer)
     trained = {k: v.detach().clone() for k, v in dense.model.state_dict().items()}
     # include: names in the LightningModule (what the pruner takes); layers: the same in the network it reports.
-    prefix = "" if _network(dense.model) is dense.model else "model."
-    convs = include or [f"{prefix}{n}" for n, m in _network(dense.model).named_modules() if isinstance(m, nn.Conv2d)]
+    dense_net = _network(dense.model)
+    at = next(n for n, m in dense.model.named_modules() if m is dense_net)  # "model" in an ImageClassifier, else ""
+    prefix = f"{at}." if at else ""
+    convs = include or [f"{prefix}{n}" for n, m in dense_net.named_modules() if isinstance(m, nn.Conv2d)]
     layers = [n.removeprefix(prefix) for n in convs]
     rows: list[dict[str, Any]] = []
     runs = [(g, s) for g in granularities for s in levels]
